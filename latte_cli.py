@@ -1,0 +1,52 @@
+"""`latte`: the one command-line entry. Each subcommand lives in the package that does the work;
+this file only dispatches, importing a package when its subcommand runs (MindSpore is slow to import).
+
+    latte convert --kind latte --source Latte-XL-2-sky.pt --target latte_sky.ckpt
+    latte ingest -c configs/ingest/sky.yaml --data_folder DIR --cache_folder OUT
+    latte cache info OUT
+    latte train -c configs/training/sky_cache.yaml
+    latte sample -c configs/inference/sky.yaml --checkpoint PATH
+"""
+import importlib
+import os
+import sys
+
+os.environ.setdefault("GLOG_v", "3")  # before MindSpore is imported anywhere
+
+from models.config import ConfigError  # noqa: E402  (light: yaml only)
+
+# name -> (module with main(argv) -> exit code, one-line summary)
+SUBCOMMANDS = {
+    "convert": ("models.convert", "convert PyTorch Latte / VAE weights (.pt, .bin, .safetensors) to MindSpore"),
+    "cache": ("cache_store.cli", "inspect (info) or check (verify) a latent cache"),
+}
+
+
+def _usage():
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "usage: latte <command> [options]   (latte <command> --help for its options)\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"latte: unknown command '{name}'; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    try:
+        return module.main(rest) or 0
+    except ConfigError as err:  # a bad config key or value: one line, no traceback
+        print(f"latte {name}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"latte {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
