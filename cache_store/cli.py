@@ -1,0 +1,77 @@
+"""`latte cache info OUT` and `latte cache verify OUT`: `main(argv)` returns the exit code.
+
+Exit codes: 0 fine, 1 verify found corruption, 2 the command could not run (bad path, not a cache).
+"""
+import argparse
+import json
+import sys
+
+from .store import open_store
+
+
+def _size(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+
+
+def cmd_info(args):
+    info = open_store(args.out).info()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    counts = ", ".join(f"{k} {v}" for k, v in info["by_status"].items())
+    print(f"{info['path']}: {info['format']} latent cache (format version {info['format_version']})")
+    print(f"entries:  {info['entries']} ({counts})")
+    print(f"frames:   {info['frames']} in ok entries, {_size(info['latent_bytes'])} of latents, "
+          f"{_size(info['disk_bytes'])} on disk")
+    print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(info["settings"].items())))
+    print("layout:   " + ", ".join(f"{k}={v}" for k, v in sorted(info["layout"].items())))
+    for entry_id, status, reason in info["not_ok"]:
+        print(f"{status.upper()} {entry_id}: {reason}")
+    return 0
+
+
+def cmd_verify(args):
+    store = open_store(args.out)
+    n_ok = store.info()["by_status"]["ok"]
+    problems = store.verify()
+    for entry_id, what in problems:
+        print(f"CORRUPT {entry_id}: {what}")
+    if problems and args.mark_failed:
+        # A newer 'failed' row hides the bad ok row, so `ingest --retry_failed` redoes the entry.
+        with store.writer(name="verify") as w:
+            for entry_id, what in problems:
+                w.record_failure(entry_id, "failed", f"verify: {what}")
+        print(f"marked {len(problems)} entries failed; rerun the ingest with --retry_failed")
+    print(f"verified {n_ok} ok entries: {len(problems)} corrupt")
+    return 1 if problems else 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="latte cache", description="Inspect and check a latent cache.")
+    sub = p.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="entries by status, frames, bytes, settings, failures")
+    info.add_argument("out", metavar="OUT", help="the cache folder (the ingest's --out)")
+    info.add_argument("--json", action="store_true", help="print the summary as JSON")
+    info.set_defaults(func=cmd_info)
+    verify = sub.add_parser("verify", help="re-read every ok entry and check checksum and shape")
+    verify.add_argument("out", metavar="OUT", help="the cache folder (the ingest's --out)")
+    verify.add_argument("--mark_failed", action="store_true",
+                        help="mark corrupt entries failed so `latte ingest --retry_failed` redoes them")
+    verify.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"latte cache: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
