@@ -206,17 +206,17 @@ def read_safetensors(path, with_metadata=False):
 
 
 def write_safetensors(path, tensors, metadata=None):
-    """Write `{name: ndarray}` atomically (temp file, fsync, rename). Metadata values must be strings."""
-    header, offset, blobs = {}, 0, []
+    """Write `{name: ndarray}` atomically (temp file, fsync, rename). Metadata values must be strings.
+    Tensors are written one at a time, so no second copy of the whole file is held in memory."""
+    header, offset, arrays = {}, 0, []
     for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array)
         if array.dtype not in _ST_NAMES:
             raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
-        blob = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
         header[name] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(blob)]}
-        offset += len(blob)
-        blobs.append(blob)
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays.append(array)
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -225,8 +225,9 @@ def write_safetensors(path, tensors, metadata=None):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for blob in blobs:
-            f.write(blob)
+        for array in arrays:
+            little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+            f.write(np.ascontiguousarray(little).data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
