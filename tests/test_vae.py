@@ -1,0 +1,123 @@
+"""models.vae: diffusers' AutoencoderKL in MindSpore, checked against the original's outputs."""
+import numpy as np
+import pytest
+
+from mindspore import Tensor
+
+from models.checkpoint_io import read_state_dict
+from models.layers import Conv2d, GroupNorm
+from models.vae import AutoencoderKL
+
+TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4)
+
+
+def read_keys(path):
+    keys = {}
+    for line in path.read_text().splitlines():
+        name, shape = line.split("\t")
+        keys[name] = tuple(int(d) for d in shape.strip("()").split(",") if d.strip())
+    return keys
+
+
+def param_shapes(net):
+    return {name: tuple(p.shape) for name, p in net.parameters_and_names()}
+
+
+def load_strict(net, state_dict):
+    """Copy a {name: array} dict into the net by exact name: every parameter, nothing extra."""
+    params = dict(net.parameters_and_names())
+    assert set(state_dict) == set(params), set(state_dict) ^ set(params)
+    for name, value in state_dict.items():
+        assert tuple(value.shape) == tuple(params[name].shape), name
+        params[name].set_data(Tensor(np.asarray(value, np.float32)))
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(oracle_dir):
+    vae = AutoencoderKL(**TINY)
+    load_strict(vae, read_state_dict(oracle_dir / "vae_tiny.pt"))
+    return vae
+
+
+def test_param_names_and_shapes_are_the_diffusers_state_dict(oracle_dir):
+    assert param_shapes(AutoencoderKL(**TINY)) == read_keys(oracle_dir / "keys_vae_tiny.txt")
+
+
+def test_default_constructor_is_sd_vae_ft_mse(oracle_dir):
+    vae = AutoencoderKL()
+    shapes = param_shapes(vae)
+    assert shapes == read_keys(oracle_dir / "keys_vae_sd_ft_mse.txt")
+    assert len(shapes) == 248
+    assert sum(int(np.prod(s)) for s in shapes.values()) == 83_653_863
+    assert vae.scaling_factor == 0.18215
+
+
+def test_encode_matches_diffusers(tiny_vae, oracle_dir):
+    ref = np.load(oracle_dir / "vae_tiny.npz")
+    image = Tensor(ref["image"])
+    moments = tiny_vae.encode_moments(image).asnumpy()
+    mean, std = tiny_vae.encode(image)
+    np.testing.assert_allclose(moments, ref["moments"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(mean.asnumpy(), ref["mean"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(std.asnumpy(), ref["std"], rtol=0, atol=1e-4)
+    z = (mean.asnumpy() + std.asnumpy() * ref["eps"]) * tiny_vae.scaling_factor
+    np.testing.assert_allclose(z, ref["z_scaled"], rtol=0, atol=1e-4)
+
+
+def test_decode_matches_diffusers(tiny_vae, oracle_dir):
+    ref = np.load(oracle_dir / "vae_tiny.npz")
+    decoded = tiny_vae.decode(Tensor(ref["mean"])).asnumpy()
+    np.testing.assert_allclose(decoded, ref["decoded_from_mean"], rtol=0, atol=1e-4)
+
+
+def test_logvar_is_clamped_before_std():
+    moments = np.zeros((1, 8, 2, 2), np.float32)
+    moments[:, 4:] = np.array([-100.0, 0.0, 100.0, 2.0], np.float32).reshape(1, 4, 1, 1)
+    _, std = AutoencoderKL.moments_to_mean_std(Tensor(moments))
+    np.testing.assert_allclose(std.asnumpy()[0, :, 0, 0], np.exp(0.5 * np.array([-30.0, 0.0, 20.0, 2.0])),
+                               rtol=1e-5)
+
+
+def test_micro_batched_encode_and_decode_equal_one_shot(tiny_vae):
+    # 64 px like the oracle image, so the (1, ...) graphs compiled by the tests above are reused
+    frames = Tensor(np.random.default_rng(0).uniform(-1, 1, (2, 3, 64, 64)).astype(np.float32))
+    mean, std = tiny_vae.encode(frames)
+    mean_mb, std_mb = tiny_vae.encode(frames, micro_batch=1)
+    np.testing.assert_allclose(mean_mb.asnumpy(), mean.asnumpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(std_mb.asnumpy(), std.asnumpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(tiny_vae.decode(mean, micro_batch=1).asnumpy(), tiny_vae.decode(mean).asnumpy(),
+                               rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, "down")])
+def test_matmul_conv_equals_native_conv(kernel, stride, padding):
+    rng = np.random.default_rng(kernel + stride)
+    x = Tensor(rng.standard_normal((2, 5, 10, 12)).astype(np.float32))
+    fast = Conv2d(5, 7, kernel, stride=stride, padding=padding, impl="matmul")
+    native = Conv2d(5, 7, kernel, stride=stride, padding=padding, impl="native")
+    native.weight.set_data(fast.weight.value())
+    native.bias.set_data(fast.bias.value())
+    got, want = fast(x).asnumpy(), native(x).asnumpy()
+    assert got.shape == want.shape == ((2, 7, 10, 12) if stride == 1 else (2, 7, 5, 6))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
+def test_group_norm_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((2, 8, 3, 5)) * 3 + 5).astype(np.float32)
+    gn = GroupNorm(4, 8, eps=1e-6)
+    gn.weight.set_data(Tensor(rng.standard_normal(8).astype(np.float32)))
+    gn.bias.set_data(Tensor(rng.standard_normal(8).astype(np.float32)))
+    xg = x.reshape(2, 4, -1).astype(np.float64)
+    want = ((xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + 1e-6)).reshape(x.shape)
+    want = want * gn.weight.asnumpy().reshape(1, -1, 1, 1) + gn.bias.asnumpy().reshape(1, -1, 1, 1)
+    np.testing.assert_allclose(gn(Tensor(x)).asnumpy(), want, rtol=0, atol=1e-5)
+
+
+def test_bad_inputs_are_rejected_with_a_clear_message(tiny_vae):
+    with pytest.raises(ValueError, match="multiple of 2"):
+        tiny_vae.encode(Tensor(np.zeros((1, 3, 33, 32), np.float32)))
+    with pytest.raises(ValueError, match="micro_batch"):
+        tiny_vae.encode(Tensor(np.zeros((2, 3, 32, 32), np.float32)), micro_batch=0)
+    with pytest.raises(ValueError, match="conv_impl"):
+        AutoencoderKL(**TINY, conv_impl="fast")
