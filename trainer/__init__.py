@@ -1,0 +1,15 @@
+"""`latte train`: Latte training from the latent cache or raw videos, with exact resume and data
+parallelism (msrun).
+
+- trainer.config      TrainConfig, the schema of configs/training/*.yaml
+- trainer.data        which entries qualify, the deterministic (seed, epoch, rank) sample order,
+                      the GeneratorDataset source
+- trainer.optim       AdamW with torch semantics (fused kernel), EMA, lr schedule, fp16 loss scale
+- trainer.step        TrainStep: the compiled loss / gradient / update step
+- trainer.checkpoint  atomic, checksummed checkpoints; `--resume auto` finds the newest valid one
+- trainer.logs        log.jsonl and the loss-curve PNG
+- trainer.train       the loop and `main(argv)` (the `latte train` subcommand)
+- trainer.synthetic   a small synthetic latent cache for tests and demos
+
+Modules are imported on use: `latte --help` must not wait for MindSpore.
+"""

@@ -1,0 +1,313 @@
+"""Training clips: which entries qualify, in which order they are drawn, and how a clip is read.
+
+The order is a pure function of (seed, epoch, rank): each epoch is one seeded permutation of the
+training entries, dealt out to the ranks like cards (`perm[rank::world]`, cut to equal length so
+every rank takes the same number of steps). Sample number `draw` of a rank is entry
+`order(epoch)[position]` with `epoch, position = divmod(draw, per_epoch)`, and the random bits of that
+sample (window start, latent noise) come from a generator keyed by (seed, rank, draw). So the
+sampler's whole state is one integer, a resumed run starts reading at exactly the next sample, and
+the data workers may run in any order without changing what is read.
+
+A clip is `num_frames` frames `sample_stride` apart from a random window of an entry; its latent is
+`(mean + std*eps) * scale_factor` drawn anew each time (the original samples the VAE posterior for
+every step), or `mean * scale_factor` with `latent_sample: mean`.
+
+`TrainData` puts it together for the trainer: the cache (or raw videos plus the VAE that encodes
+them on the fly), the split into training and held-out entries, the source and the error report.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.config import ConfigError
+
+
+class DataError(RuntimeError):
+    """Data that cannot be trained on (damaged cache entry, nothing long enough). One-line message."""
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    num_frames: int
+    label: int = 0
+
+
+def clip_span(num_frames, stride):
+    """Source frames covered by a clip of `num_frames` frames taken every `stride`-th."""
+    return (num_frames - 1) * stride + 1
+
+
+def plan_items(rows, num_frames, stride, val_entries=0, seed=0, num_classes=0):
+    """Split manifest rows (dicts with id, status, num_frames[, label]) into training and validation
+    items. Returns (train, val, too_short): `too_short` lists the ok entries with fewer frames than
+    one clip needs, which the caller reports (they are never dropped silently)."""
+    span = clip_span(num_frames, stride)
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["id"])
+    too_short = [(r["id"], int(r["num_frames"])) for r in ok if int(r["num_frames"]) < span]
+    items = [Item(r["id"], int(r["num_frames"]), _label(r, num_classes)) for r in ok if int(r["num_frames"]) >= span]
+    if val_entries >= len(items):
+        raise DataError(f"val_entries={val_entries} leaves no training entries ({len(items)} usable entries of "
+                        f"{span}+ frames): lower --val_entries")
+    # Held-out entries: a seeded choice independent of the training order and of the rank.
+    pick = set(np.random.default_rng([seed, 7]).permutation(len(items))[:val_entries].tolist())
+    train = [it for i, it in enumerate(items) if i not in pick]
+    val = [it for i, it in enumerate(items) if i in pick]
+    return train, val, too_short
+
+
+def _label(row, num_classes):
+    if not num_classes:
+        return 0
+    label = row.get("label")
+    if label is None and row.get("extra"):
+        extra = json.loads(row["extra"])
+        label = extra.get("label", extra.get("class"))
+    if label is None:
+        raise DataError(f"num_classes={num_classes} but entry {row['id']!r} has no label (a 'label' column "
+                        f"or extra JSON key): set --num_classes 0 for unconditional training")
+    label = int(label)
+    if not 0 <= label < num_classes:
+        raise DataError(f"entry {row['id']!r} has label {label}, outside [0, {num_classes}): check --num_classes")
+    return label
+
+
+class DrawOrder:
+    """Which item a rank's sample number `draw` is, and the generator for that sample's random bits."""
+
+    def __init__(self, num_items, seed, rank=0, world_size=1):
+        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
+        self.per_epoch = num_items // world_size
+        if self.per_epoch < 1:
+            raise DataError(f"{num_items} training entries cannot feed {world_size} ranks: "
+                            f"use fewer ranks or more data")
+        self._cache = {}
+
+    def epoch_order(self, epoch):
+        order = self._cache.get(epoch)
+        if order is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            order = perm[self.rank::self.world_size][:self.per_epoch]
+            self._cache = {epoch: order}  # one epoch at a time is all the readers ever need
+        return order
+
+    def position(self, draw):
+        """(epoch, position within the epoch) of sample `draw`."""
+        return divmod(int(draw), self.per_epoch)
+
+    def item(self, draw):
+        epoch, pos = self.position(draw)
+        return int(self.epoch_order(epoch)[pos])
+
+    def rng(self, draw):
+        return np.random.default_rng([self.seed, 1, self.rank, int(draw)])
+
+
+class ClipSource:
+    """Random-access source for `mindspore.dataset.GeneratorDataset`: index = draw number.
+
+    `read(item, start)` returns the clip's float32 array: for the cache, the latent (F, 4, h, w)
+    (this class draws the posterior sample); for raw video, the frames (F, 3, S, S) that the trainer
+    encodes. A read that raises does not escape into the data workers (where MindSpore would wrap or
+    hang on it): the row comes back flagged with the item index, and the trainer stops with a clear
+    error naming the entry."""
+
+    def __init__(self, items, order, read, num_frames, stride, sample_shape, latent=None):
+        self.items, self.order, self._read = items, order, read
+        self.num_frames, self.stride = num_frames, stride
+        self.sample_shape = tuple(sample_shape)
+        self.latent = latent  # None (raw frames), or (mode "sample"/"mean", scale factor)
+        self.span = clip_span(num_frames, stride)
+        self.errors = {}  # item index -> what went wrong (the readers are threads of this process)
+
+    def __len__(self):
+        return 2 ** 62  # draws are unbounded; the sampler decides how many are read
+
+    def __getitem__(self, draw):
+        idx = self.order.item(draw)
+        item = self.items[idx]
+        rng = self.order.rng(draw)
+        start = int(rng.integers(0, item.num_frames - self.span + 1))
+        try:
+            x = self._read(item, start)
+            if self.latent is not None:
+                mean, std = x
+                mode, scale = self.latent
+                x = mean if mode == "mean" else mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+                x = (x * np.float32(scale)).astype(np.float32)
+            assert x.shape == self.sample_shape, (x.shape, self.sample_shape)
+            bad = -1
+        except Exception as err:  # noqa: BLE001 - reported by the trainer with the entry's name
+            self.errors[idx] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            x, bad = np.zeros(self.sample_shape, np.float32), idx
+        return x, np.int32(item.label), np.int32(bad)
+
+
+def make_loader(source, start_draw, num_draws, batch_size, num_workers=2, chunk_batches=256):
+    """Batches (x, label, bad) of numpy arrays for draws start_draw .. start_draw+num_draws-1, in
+    order, read by `num_workers` threads through `mindspore.dataset.GeneratorDataset`.
+
+    The pipeline is rebuilt every `chunk_batches` batches because GeneratorDataset materialises
+    its whole sampler up front (25M draws of a long run: 1.7 GB and 15 s before the first batch)."""
+    import mindspore.dataset as ds
+
+    assert num_draws % batch_size == 0, (num_draws, batch_size)
+    chunk = batch_size * chunk_batches
+    for first in range(start_draw, start_draw + num_draws, chunk):
+        draws = range(first, min(first + chunk, start_draw + num_draws))
+        dataset = ds.GeneratorDataset(source, column_names=["x", "label", "bad"], sampler=draws,
+                                      num_parallel_workers=max(1, num_workers), python_multiprocessing=False)
+        yield from dataset.batch(batch_size, drop_remainder=True).create_tuple_iterator(num_epochs=1,
+                                                                                        output_numpy=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# the two sources of clips
+# ------------------------------------------------------------------------------------------------
+
+def open_cache(folder):
+    """(store, manifest rows, scale factor, latent shape (C, h, w)) of a `latte ingest` cache."""
+    import cache_store
+
+    try:
+        store = cache_store.open(folder)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"cannot open the latent cache {folder}: {err}") from None
+    rows = store.entries().to_pylist()
+    scale = float(store.settings.get("scale_factor", 0.18215))
+    return store, rows, scale, tuple(int(s) for s in store.latent_shape)
+
+
+def cache_reader(store, num_frames, stride):
+    def read(item, start):
+        mean, std = store.read_clip(item.id, start, num_frames, stride=stride)
+        return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+    return read
+
+
+def video_rows(data_folder):
+    """Manifest-like rows for raw frame folders / videos (frame counts from a cheap probe), and the
+    discovered `ingest` entries by id."""
+    from ingest.readers import probe
+    from ingest.sources import EntryError, discover_entries
+
+    entries = {e.id: e for e in discover_entries(data_folder)}
+    rows = []
+    for e in entries.values():
+        status, n, reason = e.status, e.num_files, e.reason
+        if status == "ok" and e.kind == "video":
+            try:
+                n = probe(e)[0]
+            except EntryError as err:
+                status, reason = "failed", str(err)
+        rows.append({"id": e.id, "status": status, "num_frames": n, "reason": reason})
+    return rows, entries
+
+
+def video_reader(entries, num_frames, stride, image_size):
+    from ingest.readers import read_frames
+
+    def read(item, start):
+        return read_frames(entries[item.id], list(range(start, start + clip_span(num_frames, stride), stride)),
+                           image_size)
+    return read
+
+
+# ------------------------------------------------------------------------------------------------
+# what the trainer reads: the training source, the held-out clips, the VAE (video mode)
+# ------------------------------------------------------------------------------------------------
+
+class TrainData:
+    """The training source, the held-out clips, and (video mode) the VAE that encodes frames."""
+
+    def __init__(self, cfg, rank=0, world=1, say=print):
+        self.cfg = cfg
+        self.vae = None
+        if cfg.data_source == "cache":
+            self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder)
+            read = cache_reader(self.store, cfg.num_frames, cfg.sample_stride)
+            where = cfg.cache_folder
+        else:
+            rows, entries = video_rows(cfg.data_folder)
+            self._load_vae()
+            self.scale = self.vae.scaling_factor
+            self.latent_shape = (self.vae_config.get("latent_channels", 4), cfg.image_size // self.vae_factor,
+                                 cfg.image_size // self.vae_factor)
+            read = video_reader(entries, cfg.num_frames, cfg.sample_stride, cfg.image_size)
+            where = cfg.data_folder
+        self.read = read
+        self.train, self.val, short = plan_items(rows, cfg.num_frames, cfg.sample_stride, cfg.val_entries,
+                                                 cfg.seed, cfg.num_classes)
+        span = clip_span(cfg.num_frames, cfg.sample_stride)
+        not_ok = sum(r["status"] != "ok" for r in rows)
+        if short:
+            names = ", ".join(f"{i} ({n})" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
+            say(f"note: {len(short)} of {len(rows)} entries have fewer than {span} frames "
+                       f"(num_frames {cfg.num_frames} x stride {cfg.sample_stride}) and are not used: {names}")
+        if not self.train:
+            raise DataError(f"{where}: no entry has the {span} frames a clip needs ({len(rows)} entries, "
+                            f"{not_ok} not ok, {len(short)} too short): lower --num_frames or --sample_stride")
+        self.order = DrawOrder(len(self.train), cfg.seed, rank, world)
+        if cfg.data_source == "cache":
+            shape, latent = (cfg.num_frames,) + self.latent_shape, (cfg.latent_sample, self.scale)
+        else:
+            shape, latent = (cfg.num_frames, 3, cfg.image_size, cfg.image_size), None
+        self.source = ClipSource(self.train, self.order, read, cfg.num_frames, cfg.sample_stride, shape, latent)
+        say(f"data: {len(self.train)} training entries, {len(self.val)} held out, {not_ok} not ok, "
+                   f"{len(short)} too short; {self.order.per_epoch} clips per rank per epoch")
+
+    def _load_vae(self):
+        from models import load_weights, read_metadata
+        from models.vae import AutoencoderKL
+
+        meta = read_metadata(self.cfg.vae_checkpoint) if os.path.isfile(self.cfg.vae_checkpoint) else None
+        if meta is None:
+            raise ConfigError(f"vae_checkpoint {self.cfg.vae_checkpoint} not found: convert the SD VAE with "
+                              f"`latte convert --kind vae` and pass the result")
+        self.vae_config = meta.get("config") or {}
+        self.vae = AutoencoderKL(**self.vae_config)
+        load_weights(self.vae, self.cfg.vae_checkpoint)
+        # each encoder level but the last halves the size: 8 for the SD VAE's four levels
+        self.vae_factor = 2 ** (len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1)
+        if self.cfg.image_size % self.vae_factor:
+            raise ConfigError(f"image_size {self.cfg.image_size} is not a multiple of the VAE's downsampling "
+                              f"factor {self.vae_factor}")
+
+    def check(self, bad):
+        """Stop with one clear line if a reader flagged an entry it could not read."""
+        bad = [int(b) for b in np.asarray(bad).ravel() if b >= 0]
+        if not bad:
+            return
+        item = self.train[bad[0]]
+        problem = self.source.errors.get(bad[0], "read failed")
+        if self.cfg.data_source == "cache":
+            hint = "" if "latte cache verify" in problem else f"; run `latte cache verify {self.cfg.cache_folder}`"
+            raise DataError(f"cache entry {item.id!r} cannot be read at train time, the cache was damaged after "
+                            f"ingest ({problem}){hint} and re-ingest the entries it reports")
+        raise DataError(f"video entry {item.id!r} cannot be read ({problem}): fix or remove it under "
+                        f"{self.cfg.data_folder}")
+
+    def encode(self, frames, rng, mode):
+        """(B, F, 3, S, S) frames -> (B, F, 4, h, w) scaled latents (video mode)."""
+        from mindspore import Tensor
+
+        b, f = frames.shape[:2]
+        mean, std = self.vae.encode(Tensor(frames.reshape((b * f,) + frames.shape[2:])),
+                                    micro_batch=self.cfg.vae_micro_batch)
+        mean, std = mean.asnumpy(), std.asnumpy()
+        z = mean if mode == "mean" else mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return (z * np.float32(self.scale)).astype(np.float32).reshape((b, f) + mean.shape[1:])
+
+    def val_clips(self):
+        """Held-out clips from their first frame, posterior mean only: a fixed validation set."""
+        out = []
+        for item in self.val:
+            x = self.read(item, 0)
+            if self.cfg.data_source == "cache":
+                x = x[0] * np.float32(self.scale)
+            else:
+                x = self.encode(x[None], None, "mean")[0]
+            out.append((x.astype(np.float32), item.label))
+        return out
