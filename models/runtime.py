@@ -6,6 +6,9 @@ means the same thing in `ingest`, `train` and `sample`.
 import os
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logs drown the progress bars otherwise
+# Only effective when this module is imported before MindSpore (latte_cli sets it first too): the
+# main thread otherwise busy-waits on the op queue, taking a core.
+os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")
 
 import mindspore as ms
 

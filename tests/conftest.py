@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("GLOG_v", "3")
+os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")  # as latte_cli does
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
