@@ -73,3 +73,19 @@ def test_latte_command_lists_subcommands_and_rejects_unknown_ones():
     assert out.returncode == 0 and "convert" in out.stdout
     bad = run("frobnicate")
     assert bad.returncode == 2 and "unknown command 'frobnicate'" in bad.stderr
+
+
+def test_every_subcommand_has_help():
+    script = ("import contextlib, io, latte_cli\n"
+              "for name in latte_cli.SUBCOMMANDS:\n"
+              "    out = io.StringIO()\n"
+              "    with contextlib.redirect_stdout(out):\n"
+              "        try:\n"
+              "            latte_cli.main([name, '--help'])\n"
+              "        except SystemExit as stop:\n"
+              "            assert stop.code in (0, None), (name, stop.code)\n"
+              "    assert 'usage: latte ' + name in out.getvalue(), (name, out.getvalue()[:200])\n"
+              "print('ok', len(latte_cli.SUBCOMMANDS))\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "ok 5"
