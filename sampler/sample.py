@@ -1,0 +1,412 @@
+"""`latte sample`: videos from a trained Latte, decoded by the VAE, written as GIF, MP4 and a PNG grid.
+
+    latte sample -c configs/inference/sky.yaml --checkpoint pretrained/latte_sky.ckpt --vae pretrained/sd-vae-ft-mse.ckpt
+    latte sample -c configs/inference/tiny.yaml --checkpoint results/demo --vae demo/sky_vae.safetensors
+    latte sample -c configs/inference/sky.yaml --sample_method ddim --sampling_steps 50 --num_samples 8
+
+The checkpoint is a `latte train` file (`step_*.safetensors`, EMA weights unless `--weights model`),
+a training output folder (its newest checkpoint), or a `latte convert` output of an original Latte
+release. The network is rebuilt from the architecture saved in the checkpoint; config keys that
+describe the model (model_name, image_size, num_frames, num_classes) are then only checked against
+it, so a config for another model is a one-line error rather than garbage samples. They are needed
+only for a checkpoint without saved architecture.
+
+Sampling follows the original `sample.py`: x_T ~ N(0, I), DDPM or DDIM over `sampling_steps` evenly
+respaced steps of the 1000, `clip_denoised=False`, classifier-free guidance when guidance_scale > 1
+(class-conditional models only), latents divided by the VAE scale factor and decoded frame by frame.
+Reproducible: sample i draws all its noise from its own generator seeded by (seed, i), so it is the
+same video whatever the batch size or the number of samples.
+
+Output: `<output_folder>/<timestamp>/sample_<i>.gif`, `sample_<i>.mp4`, `grid.png` (first frames)
+and `config.yaml` (the resolved config plus what was loaded); the folder is printed at the end.
+"""
+import dataclasses
+import datetime
+import json
+import os
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import numpy as np
+import yaml
+
+from models.config import ConfigError, parse_config
+
+MODEL_NAMES = ("Latte-XL/2", "Latte-XL/4", "Latte-XL/8", "Latte-L/2", "Latte-L/4", "Latte-L/8",
+               "Latte-B/2", "Latte-B/4", "Latte-B/8", "Latte-S/2", "Latte-S/4", "Latte-S/8")
+# (depth, hidden size, heads) of the registry's sizes, to compare a model_name with a saved config.
+SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+
+
+@dataclass
+class SampleConfig:
+    # -- what to load -----------------------------------------------------------------------------
+    checkpoint: str = field(default="", metadata={
+        "help": "Latte weights: a `latte train` step_*.safetensors, its output folder (newest checkpoint), "
+                "or a `latte convert` .ckpt/.safetensors"})
+    vae: str = field(default="", metadata={"help": "VAE weights (.ckpt/.safetensors from `latte convert --kind vae`)"})
+    weights: str = field(default="ema", metadata={
+        "choices": ("ema", "model"), "help": "which weights of a training checkpoint (a converted file holds one set)"})
+    scale_factor: float = field(default=0.18215, metadata={"help": "latents are divided by this before decoding"})
+    # -- the model: taken from the checkpoint when it saved its architecture, else from these --------
+    model_name: Optional[str] = field(default=None, metadata={
+        "choices": MODEL_NAMES, "help": "Latte variant (null: from the checkpoint)"})
+    image_size: Optional[int] = field(default=None, metadata={"help": "frame size in pixels (null: from the checkpoint)"})
+    num_frames: Optional[int] = field(default=None, metadata={"help": "frames per video (null: from the checkpoint)"})
+    num_classes: Optional[int] = field(default=None, metadata={
+        "help": "0 unconditional, N class-conditional (null: from the checkpoint)"})
+    learn_sigma: bool = field(default=True, metadata={"help": "used only for a checkpoint without saved architecture"})
+    # -- sampling ---------------------------------------------------------------------------------
+    num_samples: int = field(default=4, metadata={"help": "videos to generate"})
+    batch_size: int = field(default=0, metadata={"help": "videos denoised together (0: all at once)"})
+    sample_method: str = field(default="ddpm", metadata={"choices": ("ddpm", "ddim")})
+    sampling_steps: int = field(default=250, metadata={"help": "denoising steps, evenly respaced from the 1000"})
+    eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic given x_T)"})
+    guidance_scale: float = field(default=1.0, metadata={
+        "help": "classifier-free guidance scale; > 1 needs a class-conditional model (1: off)"})
+    class_labels: List[int] = field(default_factory=list, metadata={
+        "help": "labels of the samples, cycled (class-conditional models; default: 0, 1, 2, ... cycled)"})
+    seed: int = field(default=42, metadata={"help": "sample i uses generators seeded by (seed, i)"})
+    # -- device -----------------------------------------------------------------------------------
+    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16"), "help": "Latte matmul precision"})
+    enable_flash_attention: bool = field(default=False, metadata={"help": "Ascend only"})
+    device_target: str = field(default="CPU", metadata={"choices": ("CPU", "GPU", "Ascend")})
+    mode: str = field(default="graph", metadata={"choices": ("graph", "pynative")})
+    cpu_threads: int = field(default=0, metadata={"help": "CPU intra-op threads (0: MindSpore's choice)"})
+    # -- output -----------------------------------------------------------------------------------
+    output_folder: str = field(default="samples", metadata={"help": "a timestamped folder is made inside"})
+    fps: int = field(default=8, metadata={"help": "frames per second of the GIF and MP4 files"})
+    save_gif: bool = True
+    save_mp4: bool = field(default=True, metadata={"help": "needs PyAV; skipped with a note without it"})
+    save_latents: bool = field(default=False, metadata={"help": "also write latents.npy (N, F, C, h, w), scaled"})
+    decode_micro_batch: int = field(default=8, metadata={"help": "frames per VAE decoder call (bounds memory)"})
+    progress: bool = field(default=True, metadata={"help": "tqdm bar over the denoising steps"})
+
+    def validate(self):
+        for key in ("num_samples", "sampling_steps", "fps", "decode_micro_batch"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("batch_size", "cpu_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
+        for key in ("image_size", "num_frames", "num_classes"):
+            value = getattr(self, key)
+            if value is not None and value < (0 if key == "num_classes" else 1):
+                raise ConfigError(f"'{key}' is {value}: use a positive number, or null to take it from the checkpoint")
+        if self.sampling_steps > 1000:
+            raise ConfigError(f"'sampling_steps' is {self.sampling_steps}: the diffusion has 1000 steps, ask for at most 1000")
+        if self.eta < 0:
+            raise ConfigError(f"'eta' must be >= 0, got {self.eta}")
+        if self.eta and self.sample_method != "ddim":
+            raise ConfigError(f"'eta' {self.eta} applies to DDIM only: set --sample_method ddim or --eta 0")
+        if self.guidance_scale < 1:
+            raise ConfigError(f"'guidance_scale' is {self.guidance_scale}: use 1 (no guidance) or more")
+        if any(label < 0 for label in self.class_labels):
+            raise ConfigError(f"'class_labels' {self.class_labels} must be >= 0")
+        if not self.scale_factor > 0:
+            raise ConfigError(f"'scale_factor' must be > 0, got {self.scale_factor}")
+        if self.dtype == "bf16" and self.device_target == "CPU":
+            raise ConfigError("dtype bf16 is not supported on CPU (no bf16 matmul kernels): use dtype fp32 on CPU, "
+                              "or device_target Ascend/GPU")
+        if self.enable_flash_attention and self.device_target != "Ascend":
+            raise ConfigError(f"enable_flash_attention needs device_target Ascend, not {self.device_target}: "
+                              "set --enable_flash_attention False")
+        if self.enable_flash_attention and self.dtype == "fp32":
+            raise ConfigError("enable_flash_attention needs dtype fp16 or bf16, not fp32")
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(path):
+    """A weights file; a training output folder (or its checkpoints/ folder) means its newest step file."""
+    if not path:
+        raise ConfigError("no checkpoint given: pass --checkpoint PATH (a `latte train` checkpoint or output "
+                          "folder, or a `latte convert` output)")
+    if os.path.isdir(path):
+        for folder in (os.path.join(path, "checkpoints"), path):
+            steps = sorted(name for name in os.listdir(folder) if name.startswith("step_")
+                           and name.endswith(".safetensors")) if os.path.isdir(folder) else []
+            if steps:
+                return os.path.join(folder, steps[-1])
+        raise ConfigError(f"checkpoint folder {path} holds no step_*.safetensors: pass a checkpoint file")
+    if not os.path.isfile(path):
+        raise ConfigError(f"checkpoint {path} not found: check the path (convert released .pt weights with "
+                          f"`latte convert --kind latte`)")
+    return path
+
+
+def weight_groups(path):
+    """Top-level name groups of a training checkpoint ({"model", "ema", "opt"}), or empty for a file of
+    plain parameter names. Reads only the safetensors header."""
+    if not path.endswith(".safetensors"):
+        return set()
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            names = json.loads(f.read(n))
+    except (OSError, ValueError, struct.error):
+        raise ConfigError(f"checkpoint {path} is damaged or not a safetensors file") from None
+    groups = {name.split(".", 1)[0] for name in names if name != "__metadata__"}
+    return groups if groups & {"model", "ema"} else set()
+
+
+def _arch_from_keys(cfg, downscale):
+    """Latte(**kwargs) from config keys, for a checkpoint that did not save its architecture."""
+    missing = [k for k in ("model_name", "image_size", "num_frames") if getattr(cfg, k) is None]
+    if missing:
+        raise ConfigError(f"checkpoint {cfg.checkpoint} does not store its architecture: set "
+                          f"{', '.join(missing)} (e.g. -c configs/inference/sky.yaml)")
+    size, patch = cfg.model_name[len("Latte-"):].split("/")
+    depth, hidden, heads = SIZES[size]
+    config = dict(input_size=cfg.image_size // downscale, patch_size=int(patch), in_channels=4, hidden_size=hidden,
+                  depth=depth, num_heads=heads, mlp_ratio=4.0, num_frames=cfg.num_frames,
+                  learn_sigma=cfg.learn_sigma, extras=1)
+    if cfg.num_classes:
+        config.update(extras=2, num_classes=cfg.num_classes)
+    return config
+
+
+def _check_keys_match(cfg, config, variant, downscale, where):
+    """Each model key the user set must agree with the checkpoint's saved architecture."""
+    num_classes = config.get("num_classes", 0) if config.get("extras", 1) == 2 else 0
+    saved = {"image_size": config["input_size"] * downscale, "num_frames": config["num_frames"],
+             "num_classes": num_classes}
+    wrong = [f"{key} {getattr(cfg, key)} (checkpoint: {value})" for key, value in saved.items()
+             if getattr(cfg, key) is not None and getattr(cfg, key) != value]
+    if cfg.model_name is not None and cfg.model_name != variant:
+        size, patch = cfg.model_name[len("Latte-"):].split("/")
+        if SIZES[size] + (int(patch),) != (config["depth"], config["hidden_size"], config["num_heads"],
+                                          config["patch_size"]):
+            wrong.insert(0, f"model_name {cfg.model_name} (checkpoint: {variant or 'custom'} with depth "
+                            f"{config['depth']}, hidden {config['hidden_size']}, patch {config['patch_size']})")
+    if wrong:
+        raise ConfigError(f"{where} was trained as a different model than the config says: {'; '.join(wrong)}; "
+                          f"use the config it was trained with, or set these keys to null")
+
+
+def load_vae(cfg):
+    """The AutoencoderKL of `cfg.vae` (architecture from its saved config, else SD's), fp32."""
+    from models import AutoencoderKL, load_weights, read_metadata
+
+    if not cfg.vae:
+        raise ConfigError("no VAE given: pass --vae PATH (`latte convert --kind vae` of sd-vae-ft-mse, or "
+                          "demo/sky_vae.safetensors for the demo's models)")
+    if not os.path.isfile(cfg.vae):
+        raise ConfigError(f"vae {cfg.vae} not found: check the path")
+    meta = read_metadata(cfg.vae)
+    if meta.get("kind", "vae") != "vae":
+        raise ConfigError(f"vae {cfg.vae} holds a {meta['kind']} network, not a VAE: pass the VAE weights")
+    vae = AutoencoderKL(**meta.get("config", {}))
+    load_weights(vae, cfg.vae)
+    vae.set_train(False)
+    return vae
+
+
+def load_latte(cfg, downscale):
+    """(network, its constructor kwargs, the loaded file, group) for `cfg`."""
+    import mindspore as ms
+
+    from models import Latte, load_weights, read_metadata
+
+    path = resolve_checkpoint(cfg.checkpoint)
+    meta = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
+    if meta.get("kind", "latte") != "latte":
+        raise ConfigError(f"checkpoint {path} holds a {meta['kind']} network, not Latte: pass --checkpoint and "
+                          f"--vae the right way round")
+    if meta.get("config"):
+        config = dict(meta["config"])
+        _check_keys_match(cfg, config, meta.get("variant"), downscale, path)
+    else:
+        config = _arch_from_keys(cfg, downscale)
+    dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.dtype]
+    net = Latte(**config, dtype=dtype, enable_flash_attention=cfg.enable_flash_attention)
+    groups = weight_groups(path)
+    group = cfg.weights if groups else None
+    if group and group not in groups:
+        raise ConfigError(f"checkpoint {path} has no '{group}' weights (it holds {', '.join(sorted(groups))}): "
+                          f"set --weights to one of those")
+    load_weights(net, path, group=group)
+    net.set_train(False)
+    for p in net.get_parameters():
+        p.requires_grad = False
+    return net, config, path, group
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+# ------------------------------------------------------------------------------------------------
+
+def labels_for(cfg_labels, num_samples, num_classes):
+    """The label of each sample: `cfg_labels` cycled, else 0, 1, 2, ... cycled over the classes."""
+    labels = list(cfg_labels) or list(range(num_classes))
+    bad = [label for label in labels if label >= num_classes]
+    if bad:
+        raise ConfigError(f"class_labels {bad} are out of range: this model has {num_classes} classes (0..{num_classes - 1})")
+    return [labels[i % len(labels)] for i in range(num_samples)]
+
+
+def sample_latents(net, diffusion, num_samples, seed, batch_size=0, method="ddpm", eta=0.0, guidance_scale=1.0,
+                   labels=None, num_classes=0, progress=False):
+    """Denoise `num_samples` videos; returns float32 latents (N, F, C, h, w) in the diffusion's scale.
+
+    Sample i draws x_T and every step's noise from `np.random.default_rng([seed, i])`, so it does not
+    depend on the batch it was denoised in. `labels` (one per sample) for class-conditional models;
+    guidance_scale > 1 runs each batch twice as wide, conditional then null-class half."""
+    from mindspore import Tensor
+
+    shape = (net.num_frames, net.in_channels, net.input_size, net.input_size)
+    batch_size = batch_size or num_samples
+    use_cfg = guidance_scale > 1.0
+    out = []
+    for start in range(0, num_samples, batch_size):
+        idx = list(range(start, min(start + batch_size, num_samples)))
+        rngs = [np.random.default_rng([seed, i]) for i in idx]
+        n = len(idx)
+        if progress and batch_size < num_samples:
+            print(f"samples {idx[0]}..{idx[-1]} of {num_samples}:", file=sys.stderr, flush=True)
+        kwargs, model = {}, net
+        if labels is not None:
+            y = np.asarray([labels[i] for i in idx], np.int32)
+            if use_cfg:  # [conditional half, unconditional half]; the halves share x_T and all noise
+                y = np.concatenate([y, np.full(n, num_classes, np.int32)])
+                model = lambda x, t, y: net.forward_with_cfg(x, t, y, guidance_scale)  # noqa: E731
+            kwargs["y"] = Tensor(y)
+        rows = 2 * n if use_cfg else n
+        loop = diffusion.ddim_sample_loop if method == "ddim" else diffusion.p_sample_loop
+        extra = {"eta": eta} if method == "ddim" else {}
+        z = loop(model, (rows,) + shape, clip_denoised=False, model_kwargs=kwargs, progress=progress, rng=rngs, **extra)
+        out.append(z.asnumpy()[:n])
+    return np.concatenate(out)
+
+
+def decode_latents(vae, latents, scale_factor, micro_batch=8):
+    """(N, F, C, h, w) scaled latents -> uint8 videos (N, F, H, W, 3); one video at a time, its frames
+    through the decoder `micro_batch` at a time, so memory is bounded whatever N and F."""
+    from mindspore import Tensor
+
+    from sampler.video_io import to_uint8
+
+    videos = []
+    for z in latents:
+        frames = vae.decode(Tensor(np.ascontiguousarray(z / np.float32(scale_factor), np.float32)),
+                            micro_batch=micro_batch)
+        videos.append(to_uint8(frames.asnumpy()))
+    return np.stack(videos)
+
+
+def make_run_folder(root):
+    """`<root>/<YYYY-mm-dd_HH-MM-SS>`, with a -1, -2, ... suffix if that exists already."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path, k = os.path.join(root, stamp), 0
+    while True:
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            k += 1
+            path = os.path.join(root, f"{stamp}-{k}")
+
+
+def write_videos(folder, videos, fps, save_gif=True, save_mp4=True):
+    """GIF/MP4 per video and grid.png of first frames; returns the written paths and any notes."""
+    from sampler import video_io
+
+    written, notes = [], []
+    if save_mp4 and not video_io.mp4_available():
+        notes.append("MP4 skipped: PyAV is not installed (pip install av)")
+        save_mp4 = False
+    for i, video in enumerate(videos):
+        if save_gif:
+            written.append(os.path.join(folder, f"sample_{i:03d}.gif"))
+            video_io.write_gif(written[-1], video, fps)
+        if save_mp4:
+            written.append(os.path.join(folder, f"sample_{i:03d}.mp4"))
+            video_io.write_mp4(written[-1], video, fps)
+    written.append(os.path.join(folder, "grid.png"))
+    video_io.write_grid(written[-1], videos[:, 0])
+    return written, notes
+
+
+def sample(cfg):
+    from models.runtime import setup_device
+    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
+
+    from models.diffusion import create_diffusion
+
+    t0 = time.time()
+    resolve_checkpoint(cfg.checkpoint)  # a wrong path is reported before anything is loaded
+    vae = load_vae(cfg)
+    net, config, path, group = load_latte(cfg, vae.downscale)
+    if vae.latent_channels != config["in_channels"]:
+        raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
+                          f"{config['in_channels']}: pass the VAE the model was trained with")
+    num_classes = config.get("num_classes", 0) if config["extras"] == 2 else 0
+    if cfg.guidance_scale > 1 and not num_classes:
+        raise ConfigError(f"guidance_scale {cfg.guidance_scale} needs a class-conditional model, and {path} is "
+                          f"unconditional: set --guidance_scale 1")
+    if cfg.guidance_scale > 1 and not config.get("class_dropout_prob", 0.1) > 0:
+        raise ConfigError(f"guidance_scale {cfg.guidance_scale} needs the null class of label dropout, and {path} was "
+                          f"trained with class_dropout_prob 0: set --guidance_scale 1")
+    if cfg.class_labels and not num_classes:
+        raise ConfigError(f"class_labels given but {path} is unconditional: drop --class_labels")
+    labels = labels_for(cfg.class_labels, cfg.num_samples, num_classes) if num_classes else None
+    diffusion = create_diffusion(str(cfg.sampling_steps), learn_sigma=config["learn_sigma"])
+
+    image_size = config["input_size"] * vae.downscale
+    n_params = sum(p.size for p in net.get_parameters())
+    weights = f" ({group} weights)" if group else ""
+    print(f"loaded {path}{weights}: Latte {n_params / 1e6:.2f} M parameters, {config['num_frames']} frames of "
+          f"{image_size}x{image_size} px, {'classes ' + str(num_classes) if num_classes else 'unconditional'}; "
+          f"VAE {cfg.vae} [{time.time() - t0:.1f}s]", file=sys.stderr, flush=True)
+    method = f"{cfg.sample_method.upper()} {cfg.sampling_steps} steps" + (f", eta {cfg.eta}" if cfg.eta else "")
+    guidance = f", guidance {cfg.guidance_scale} on labels {labels}" if cfg.guidance_scale > 1 else (
+        f", labels {labels}" if labels else "")
+    print(f"sampling {cfg.num_samples} videos, {method}{guidance}, seed {cfg.seed}, {cfg.dtype} on {cfg.device_target}",
+          file=sys.stderr, flush=True)
+
+    t1 = time.time()
+    latents = sample_latents(net, diffusion, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_method, cfg.eta,
+                             cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
+    t2 = time.time()
+    videos = decode_latents(vae, latents, cfg.scale_factor, cfg.decode_micro_batch)
+    t3 = time.time()
+
+    folder = make_run_folder(cfg.output_folder)
+    written, notes = write_videos(folder, videos, cfg.fps, cfg.save_gif, cfg.save_mp4)
+    if cfg.save_latents:
+        written.append(os.path.join(folder, "latents.npy"))
+        np.save(written[-1], latents)
+    record = dataclasses.asdict(cfg)
+    record["loaded"] = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
+                        "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(record, f, sort_keys=False)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    steps = cfg.sampling_steps * -(-cfg.num_samples // (cfg.batch_size or cfg.num_samples))
+    print(f"denoised in {t2 - t1:.1f}s ({(t2 - t1) / steps:.3f} s/step), decoded in {t3 - t2:.1f}s; "
+          f"{len(written)} files", file=sys.stderr)
+    print(f"samples: {folder}", flush=True)
+    return folder
+
+
+def main(argv=None):
+    cfg = parse_config(SampleConfig, sys.argv[1:] if argv is None else argv, prog="latte sample",
+                       description="Sample videos from a trained Latte and write GIF/MP4/PNG.")
+    try:
+        sample(cfg)
+    except ConfigError:
+        raise
+    except ValueError as err:  # a weights file that does not fit (models.load_weights): one line
+        print(f"latte sample: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

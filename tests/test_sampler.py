@@ -1,0 +1,262 @@
+"""`latte sample`: DDPM/DDIM shapes and determinism, per-sample seeds independent of the batch,
+classifier-free guidance, GIF/MP4/PNG outputs that decode back, loading training and converted
+checkpoints, and one-line errors for configs that do not fit the checkpoint."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+import mindspore as ms
+
+from models.config import ConfigError
+from models.convert import save_weights
+from models.diffusion import create_diffusion
+from models.latte import Latte
+from models.vae import AutoencoderKL
+from sampler import sample_latents, write_videos
+from sampler import main as sample_main
+from trainer import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, mlp_ratio=4.0,
+            num_frames=4, learn_sigma=True, extras=1)
+TINY_CLASS = dict(TINY, extras=2, num_classes=3, class_dropout_prob=0.1)
+TINY_VAE = dict(block_out_channels=[8, 16], layers_per_block=1, norm_num_groups=4, latent_channels=4)
+
+
+def _weights(config, seed=0):
+    """Random weights for a tiny Latte, with the zero-initialised layers made non-zero (a fresh
+    Latte predicts exactly 0, which would make every test below trivially pass)."""
+    ms.set_seed(seed)
+    net = Latte(**config)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, p in net.parameters_dict().items():
+        v = p.asnumpy()
+        if "adaLN_modulation" in name or "final_layer.linear" in name:
+            v = rng.normal(0, 0.05, v.shape).astype(np.float32)
+        out[name] = v
+    return out
+
+
+def _net(config, seed=0):
+    net = Latte(**config)
+    for name, p in net.parameters_dict().items():
+        p.set_data(ms.Tensor(_weights(config, seed)[name]))
+    net.set_train(False)
+    return net
+
+
+@pytest.fixture(scope="module")
+def uncond():
+    return _net(TINY)
+
+
+@pytest.fixture(scope="module")
+def classy():
+    return _net(TINY_CLASS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _graph_mode():
+    # A tiny Latte forward takes ~1 s in PyNative and ~0.03 s compiled (after ~5 s per batch shape):
+    # sampling calls it dozens of times, so this module runs in graph mode, then restores the suite's.
+    ms.set_context(mode=ms.GRAPH_MODE)
+    yield
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+@pytest.fixture(scope="module")
+def ema_latents():
+    """What the CLI must produce for the `files` checkpoints with tiny.yaml (DDIM, seed 0) and 5 steps."""
+    return sample_latents(_net(TINY, 1), create_diffusion("5"), 2, seed=0, method="ddim")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A `latte train`-style checkpoint (model/ema/opt groups + metadata), a `latte convert`-style
+    plain file of the same network, one without metadata, and a tiny VAE."""
+    root = tmp_path_factory.mktemp("sample_files")
+    model, ema = _weights(TINY, 0), _weights(TINY, 1)
+    tensors = {f"model.{k}": v for k, v in model.items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.items()})
+    tensors.update({f"opt.exp_avg.{k}": np.zeros_like(v) for k, v in model.items()})
+    net_meta = {"kind": "latte", "config": TINY, "variant": "Latte-S/2"}
+    train_path = root / "run" / "checkpoints" / "step_0000020.safetensors"
+    ckpt.save(str(train_path), tensors, {"step": 20}, {"model_name": "Latte-S/2"}, net_meta)
+    save_weights(str(root / "converted.ckpt"), dict(ema), "ckpt", "fp32", net_meta)
+    save_weights(str(root / "bare.safetensors"), dict(ema), "safetensors", "fp32", None)
+    ms.set_seed(0)
+    vae = AutoencoderKL(**TINY_VAE)
+    save_weights(str(root / "vae.safetensors"), {k: p.asnumpy() for k, p in vae.parameters_dict().items()},
+                 "safetensors", "fp32", {"kind": "vae", "config": TINY_VAE})
+    return {"root": root, "run": root / "run", "train": train_path, "converted": root / "converted.ckpt",
+            "bare": root / "bare.safetensors", "vae": root / "vae.safetensors"}
+
+
+def _cli(files, *args, checkpoint=None, out=None):
+    argv = ["-c", str(ROOT / "configs" / "inference" / "tiny.yaml"), "--checkpoint", str(checkpoint or files["run"]),
+            "--vae", str(files["vae"]), "--output_folder", str(out or files["root"] / "samples"),
+            "--sampling_steps", "5", "--num_samples", "2", "--mode", "graph", "--progress", "False",
+            *map(str, args)]
+    return sample_main(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_sampling_shape_and_same_seed_same_videos(uncond, method):
+    diffusion = create_diffusion("6")
+    a = sample_latents(uncond, diffusion, 2, seed=3, method=method)
+    b = sample_latents(uncond, diffusion, 2, seed=3, method=method)
+    c = sample_latents(uncond, diffusion, 2, seed=4, method=method)
+    assert a.shape == (2, 4, 4, 8, 8) and a.dtype == np.float32 and np.isfinite(a).all()
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).mean() > 0.1
+    assert np.abs(a[0] - a[1]).mean() > 0.1  # each sample has its own noise
+
+
+def test_ddim_with_eta_draws_noise_and_differs_from_eta_zero(uncond):
+    diffusion = create_diffusion("6")
+    zero = sample_latents(uncond, diffusion, 1, seed=0, method="ddim")
+    noisy = sample_latents(uncond, diffusion, 1, seed=0, method="ddim", eta=1.0)
+    np.testing.assert_array_equal(noisy, sample_latents(uncond, diffusion, 1, seed=0, method="ddim", eta=1.0))
+    assert np.abs(zero - noisy).mean() > 1e-3
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_sample_i_is_the_same_video_whatever_the_batch_size_or_count(uncond, method):
+    diffusion = create_diffusion("5")
+    all_at_once = sample_latents(uncond, diffusion, 3, seed=7, method=method)
+    one_by_one = sample_latents(uncond, diffusion, 3, seed=7, batch_size=1, method=method)
+    pairs = sample_latents(uncond, diffusion, 3, seed=7, batch_size=2, method=method)
+    first_only = sample_latents(uncond, diffusion, 1, seed=7, method=method)
+    # Equal up to float rounding: matmuls over another batch size may sum in another order. (The
+    # random tiny net predicts large x_0, hence a relative tolerance.)
+    np.testing.assert_allclose(one_by_one, all_at_once, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(pairs, all_at_once, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(first_only[0], all_at_once[0], rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_changes_class_samples_and_scale_one_is_a_no_op(classy):
+    diffusion = create_diffusion("5")
+    labels = [0, 2]
+    plain = sample_latents(classy, diffusion, 2, seed=1, labels=labels, num_classes=3)
+    guided = sample_latents(classy, diffusion, 2, seed=1, guidance_scale=4.0, labels=labels, num_classes=3)
+    assert np.abs(plain - guided).mean() > 1e-2
+    # The guided path itself at scale 1 (eps_u + 1 * (eps_c - eps_u)) is the conditional model.
+    y = ms.Tensor(np.array(labels + [3, 3], np.int32))
+    rngs = [np.random.default_rng([1, i]) for i in range(2)]
+    z = diffusion.p_sample_loop(lambda x, t, y: classy.forward_with_cfg(x, t, y, 1.0), (4, 4, 4, 8, 8),
+                                clip_denoised=False, model_kwargs={"y": y}, rng=rngs).asnumpy()[:2]
+    np.testing.assert_allclose(z, plain, rtol=1e-4, atol=1e-4)
+    # ... and the label matters: another label gives another video from the same noise.
+    other = sample_latents(classy, diffusion, 2, seed=1, labels=[1, 1], num_classes=3)
+    assert np.abs(other[0] - plain[0]).mean() > 1e-2
+
+
+# ------------------------------------------------------------------------------------------------
+# files
+# ------------------------------------------------------------------------------------------------
+
+def test_gif_mp4_and_grid_decode_back_to_the_right_frames(tmp_path):
+    import av
+    import decord
+
+    rng = np.random.default_rng(0)
+    videos = rng.integers(0, 256, (2, 6, 32, 64, 3), dtype=np.uint8)  # decord 0.6 mangles widths < 64
+    written, notes = write_videos(str(tmp_path), videos, fps=8)
+    assert notes == []
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "sample_000.gif", "sample_000.mp4", "sample_001.gif",
+                                            "sample_001.mp4"]
+    reader = decord.VideoReader(str(tmp_path / "sample_000.mp4"))
+    assert len(reader) == 6 and reader[0].shape == (32, 64, 3)
+    assert abs(reader.get_avg_fps() - 8) < 0.01
+    # decord cannot open GIFs (no frame count in the container): read them with PyAV and Pillow.
+    with av.open(str(tmp_path / "sample_001.gif")) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 6 and frames[0].shape == (32, 64, 3)
+    gif = Image.open(tmp_path / "sample_001.gif")
+    assert gif.n_frames == 6 and gif.size == (64, 32) and gif.info["loop"] == 0
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 32 + 2, 2 + 2 * (64 + 2), 3)
+    np.testing.assert_array_equal(grid[2:34, 2:66], videos[0, 0])
+
+
+def test_cli_writes_gifs_mp4s_grid_and_config_into_a_new_folder_per_run(files, ema_latents, tmp_path, capsys):
+    assert _cli(files, "--save_latents", "True", out=tmp_path) == 0
+    (folder,) = [p for p in tmp_path.iterdir()]
+    assert f"samples: {folder}" in capsys.readouterr().out
+    names = sorted(os.listdir(folder))
+    assert names == ["config.yaml", "grid.png", "latents.npy", "sample_000.gif", "sample_000.mp4", "sample_001.gif",
+                     "sample_001.mp4"]
+    gif = Image.open(folder / "sample_000.gif")
+    assert gif.n_frames == 4 and gif.size == (16, 16)  # 8x8 latents, the tiny VAE upsamples x2
+    record = yaml.safe_load((folder / "config.yaml").read_text())
+    assert record["loaded"]["weights"] == "ema" and record["loaded"]["model"] == TINY
+    # The EMA weights by default: the same latents as sampling the EMA net directly.
+    np.testing.assert_allclose(np.load(folder / "latents.npy"), ema_latents, rtol=1e-4, atol=1e-4)
+
+    assert _cli(files, "--save_latents", "True", "--weights", "model", "--save_gif", "False",
+                "--save_mp4", "False", out=tmp_path) == 0  # a second run gets its own folder
+    (second,) = [p for p in tmp_path.iterdir() if p != folder]
+    assert sorted(os.listdir(second)) == ["config.yaml", "grid.png", "latents.npy"]
+    assert np.abs(np.load(second / "latents.npy") - ema_latents).mean() > 1e-2  # the other weights
+
+
+def test_cli_loads_a_converted_checkpoint_like_the_ema_weights_of_a_training_one(files, ema_latents, tmp_path):
+    assert _cli(files, "--save_latents", "True", "--save_gif", "False", "--save_mp4", "False",
+                checkpoint=files["converted"], out=tmp_path) == 0
+    (folder,) = list(tmp_path.iterdir())
+    np.testing.assert_allclose(np.load(folder / "latents.npy"), ema_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_class_labels_cycle_and_out_of_range_labels_are_an_error():
+    from sampler.sample import labels_for
+
+    assert labels_for([], 5, 3) == [0, 1, 2, 0, 1]
+    assert labels_for([2], 3, 3) == [2, 2, 2]
+    with pytest.raises(ConfigError, match=r"class_labels \[3\] are out of range: this model has 3 classes"):
+        labels_for([1, 3], 2, 3)
+
+
+def test_a_config_for_another_model_is_a_one_line_error(files, tmp_path):
+    sky = str(ROOT / "configs" / "inference" / "sky.yaml")
+    with pytest.raises(ConfigError) as err:
+        sample_main(["-c", sky, "--checkpoint", str(files["train"]), "--vae", str(files["vae"]),
+                     "--output_folder", str(tmp_path)])
+    message = str(err.value)
+    assert "\n" not in message
+    for part in ("model_name Latte-XL/2", "image_size 256 (checkpoint: 16)", "num_frames 16 (checkpoint: 4)"):
+        assert part in message
+    assert not list(tmp_path.iterdir())  # nothing sampled
+
+
+def test_a_checkpoint_without_architecture_needs_the_model_keys(files, tmp_path):
+    with pytest.raises(ConfigError, match="does not store its architecture: set model_name, image_size, num_frames"):
+        _cli(files, checkpoint=files["bare"], out=tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "bf16"], "bf16 is not supported on CPU"),
+    (["--guidance_scale", "4"], "needs a class-conditional model"),
+    (["--class_labels", "1"], "is unconditional"),
+    (["--sampling_steps", "2000"], "at most 1000"),
+    (["--eta", "0.5", "--sample_method", "ddpm"], "DDIM only"),
+    (["--sample_method", "euler"], "choose one of: ddpm, ddim"),
+])
+def test_impossible_requests_are_one_line_errors(files, tmp_path, args, message):
+    with pytest.raises(ConfigError, match=message):
+        _cli(files, *args, out=tmp_path)
+
+
+def test_missing_files_are_one_line_errors(files, tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint .*nope.ckpt not found"):
+        _cli(files, checkpoint=tmp_path / "nope.ckpt", out=tmp_path)
+    with pytest.raises(ConfigError, match="holds a vae network, not Latte"):
+        _cli(files, checkpoint=files["vae"], out=tmp_path)
