@@ -25,6 +25,10 @@ from PIL import Image, UnidentifiedImageError
 from ingest.sources import EntryError
 from ingest.transforms import transform_frames
 
+# Importing decord first makes a later `import mindspore` abort the process ("random_device could
+# not be read"); the other order works, and every user of these readers needs MindSpore anyway.
+import mindspore  # noqa: E402,F401  (must precede decord)
+
 try:
     import decord
 
