@@ -190,7 +190,8 @@ class Prefetcher:
 
     Every batch has the same shape, so the VAE compiles once, and an entry's latents never depend on
     its neighbours or on sharding (a resumed or sharded run writes the same bytes). The queue holds at
-    most `depth` items, which bounds memory whatever the video length."""
+    most `depth` items and a video is read VIDEO_CHUNK_FRAMES at a time (see `_batches`), which
+    bounds memory whatever the video length."""
 
     def __init__(self, entries, batch_size, image_size, stride=1, min_frames=1, depth=4):
         self.entries, self.batch_size, self.image_size = entries, batch_size, image_size

@@ -347,6 +347,16 @@ def test_reader_thread_runs_ahead_by_a_bounded_number_of_batches(sky, monkeypatc
     assert threads == {"ingest-reader"} and max(lead) <= 3 + 1
 
 
+def test_videos_are_read_in_chunks_that_equal_one_sequential_read(sky, monkeypatch):
+    # decord decodes ahead of a slow consumer without bound, so the reader reopens a video per chunk
+    monkeypatch.setattr(pipeline, "VIDEO_CHUNK_FRAMES", 8)
+    (video,) = [e for e in discover_entries(sky[0]) if e.kind == "video"]
+    items = list(pipeline.Prefetcher([video], batch_size=4, image_size=32, stride=2))  # chunks of 8 + 4
+    assert [i[0] for i in items] == ["begin"] + ["batch"] * 3 + ["end"] and items[0][2] == 12
+    got = np.concatenate([x[:n] for kind, _, x, n in items[1:-1]])
+    np.testing.assert_array_equal(got, read_frames(video, range(0, 24, 2), 32))
+
+
 # ---------------------------------------------------------------- crashes, Ctrl-C, scale-out
 
 
