@@ -15,4 +15,8 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
-.PHONY: install test
+# The whole product on synthetic sky videos: data -> latte ingest -> latte train -> latte sample.
+demo: $(VENV)/.installed
+	$(PY) demo/run_demo.py
+
+.PHONY: install test demo
