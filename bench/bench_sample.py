@@ -35,13 +35,17 @@ SIZE = dict(depth=12, hidden_size=384, patch_size=2, num_heads=6)  # Latte-S/2
 FRAMES, LATENT = 16, 32
 
 
+def _bench_train():
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def mindone_latte(mindone_path):
     """MindONE's Latte-S/2 built through bench_train.py's `mint` shim."""
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
-    bench_train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_train)
-    return bench_train.mindone_latte(mindone_path, depth=SIZE["depth"], input_size=LATENT, num_frames=FRAMES,
-                                     learn_sigma=True)
+    return _bench_train().mindone_latte(mindone_path, depth=SIZE["depth"], input_size=LATENT, num_frames=FRAMES,
+                                        learn_sigma=True)
 
 
 def copy_weights(ours, theirs):
@@ -139,6 +143,13 @@ def main():
     if "mindone" in medians:
         print(f"speed-up: {medians['mindone'] / medians['ours']:.2f}x wall, "
               f"{cpu_medians['mindone'] / cpu_medians['ours']:.2f}x CPU time (MindONE / ours)", flush=True)
+    # How close to the hardware: a step is one forward pass (a third of bench_train's training FLOPs).
+    bench_train = _bench_train()
+    flops = bench_train.latte_train_flops(depth=SIZE["depth"], frames=FRAMES, size=LATENT) / 3
+    peak = bench_train.matmul_peak()
+    print(f"one step = {flops / 1e9:.0f} GFLOP of matmuls; fp32 matmul peak here {peak:.0f} GFLOP/s -> "
+          + ", ".join(f"{which} {flops / m / 1e9:.0f} GFLOP/s ({100 * flops / m / 1e9 / peak:.0f}%)"
+                      for which, m in medians.items()), flush=True)
 
     if not args.skip_full:
         full_run(ours, "ddim", 2)  # compile outside the timing

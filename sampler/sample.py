@@ -155,15 +155,19 @@ def weight_groups(path):
     return groups if groups & {"model", "ema"} else set()
 
 
-def _arch_from_keys(cfg, downscale):
+def _arch_from_keys(cfg, downscale, latent_channels):
     """Latte(**kwargs) from config keys, for a checkpoint that did not save its architecture."""
     missing = [k for k in ("model_name", "image_size", "num_frames") if getattr(cfg, k) is None]
     if missing:
         raise ConfigError(f"checkpoint {cfg.checkpoint} does not store its architecture: set "
                           f"{', '.join(missing)} (e.g. -c configs/inference/sky.yaml)")
     size, patch = cfg.model_name[len("Latte-"):].split("/")
+    if cfg.image_size % (downscale * int(patch)):
+        raise ConfigError(f"'image_size' {cfg.image_size} must be a multiple of {downscale * int(patch)} "
+                          f"(the VAE's {downscale}x downsampling times {cfg.model_name}'s patch size)")
     depth, hidden, heads = SIZES[size]
-    config = dict(input_size=cfg.image_size // downscale, patch_size=int(patch), in_channels=4, hidden_size=hidden,
+    config = dict(input_size=cfg.image_size // downscale, patch_size=int(patch), in_channels=latent_channels,
+                  hidden_size=hidden,
                   depth=depth, num_heads=heads, mlp_ratio=4.0, num_frames=cfg.num_frames,
                   learn_sigma=cfg.learn_sigma, extras=1)
     if cfg.num_classes:
@@ -207,8 +211,9 @@ def load_vae(cfg):
     return vae
 
 
-def load_latte(cfg, downscale):
-    """(network, its constructor kwargs, the loaded file, group) for `cfg`."""
+def load_latte(cfg, downscale, latent_channels=4):
+    """(network, its constructor kwargs, the loaded file, group) for `cfg`; `downscale` and
+    `latent_channels` are the VAE's."""
     import mindspore as ms
 
     from models import Latte, load_weights, read_metadata
@@ -222,7 +227,7 @@ def load_latte(cfg, downscale):
         config = dict(meta["config"])
         _check_keys_match(cfg, config, meta.get("variant"), downscale, path)
     else:
-        config = _arch_from_keys(cfg, downscale)
+        config = _arch_from_keys(cfg, downscale, latent_channels)
     dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.dtype]
     net = Latte(**config, dtype=dtype, enable_flash_attention=cfg.enable_flash_attention)
     groups = weight_groups(path)
@@ -341,7 +346,7 @@ def sample(cfg):
     t0 = time.time()
     resolve_checkpoint(cfg.checkpoint)  # a wrong path is reported before anything is loaded
     vae = load_vae(cfg)
-    net, config, path, group = load_latte(cfg, vae.downscale)
+    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels)
     if vae.latent_channels != config["in_channels"]:
         raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
                           f"{config['in_channels']}: pass the VAE the model was trained with")
