@@ -10,7 +10,10 @@ What differs is only *how* things are computed, for speed on CPU and graph-mode 
   for every frame / token (the rows are identical, so the result is too);
 - activations stay (N, F, T, D): a temporal block permutes its q, k, v rather than rearranging x;
 - tanh GELU, LayerNorm, softmax and the broadcasting ops have hand-written backward passes (see
-  "Basic layers" for the MindSpore CPU behaviour that makes this pay).
+  "Basic layers" for the MindSpore CPU behaviour that makes this pay);
+- on CPU in float32 the elementwise chains between the matmuls run as fused C++ kernels
+  (`models/cpu_kernels.py`), each one pass over memory forward and backward; the plain-ops path
+  computes the same and is used elsewhere (`cpu_kernels=False` forces it).
 
 Compute dtype: `dtype=ms.float16 / ms.bfloat16` runs the matmuls in that dtype (for GPU/Ascend);
 parameters, the residual stream, LayerNorm, softmax and the timestep embedding stay float32.
@@ -22,6 +25,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, Zero, initializer
+
+from models import cpu_kernels
+from models.runtime import device_target
 
 
 #################################################################################
@@ -302,7 +308,7 @@ class LabelEmbedder(nn.Cell):
 class Attention(nn.Cell):
     """Multi-head self-attention with a fused qkv projection ("math" mode of the original)."""
 
-    def __init__(self, dim, num_heads, dtype=ms.float32, enable_flash_attention=False):
+    def __init__(self, dim, num_heads, dtype=ms.float32, enable_flash_attention=False, fused=False):
         super().__init__()
         assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
@@ -315,7 +321,18 @@ class Attention(nn.Cell):
         self.flash = enable_flash_attention
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)
         self.bmm_pv = ops.BatchMatMul()
-        self.softmax = _Softmax()
+        self.fused = fused
+        # Under recompute, MindSpore 2.10 reports a cycle in the gradient graph when both the split
+        # and the merge kernel are in a recomputed block; Latte then merges with a transpose.
+        self.fused_merge = fused
+        if fused:
+            self.softmax = cpu_kernels.Softmax()
+            self.split_spatial = cpu_kernels.QKVSplit(num_heads, temporal=False)
+            self.split_temporal = cpu_kernels.QKVSplit(num_heads, temporal=True)
+            self.merge_spatial = cpu_kernels.HeadsMerge(num_heads, temporal=False)
+            self.merge_temporal = cpu_kernels.HeadsMerge(num_heads, temporal=True)
+        else:
+            self.softmax = _Softmax()
 
     def construct(self, x, temporal=False):
         """x (N, F, T, D) -> (N, F, T, D). Spatial: attention over the T tokens of each frame;
@@ -351,32 +368,65 @@ class Attention(nn.Cell):
         out = out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)  # (N, F, T, H, hd)
         return self.proj(out.reshape(n, f, t, d))
 
+    def forward_fused(self, x, temporal=False):
+        """The fused-kernel path of `construct` (CPU, float32): x (N, F, T, D) -> the output
+        projection WITHOUT its bias, (N, F*T, D); the caller adds the bias in its gated residual."""
+        n, f, t, d = x.shape
+        qkv = _matmul_nt(x.reshape(-1, d), self.qkv.weight).reshape(n, f, t, 3 * d)
+        split, merge = ((self.split_temporal, self.merge_temporal) if temporal
+                        else (self.split_spatial, self.merge_spatial))
+        shape_ref = ops.zeros((n, f, t, 1), ms.float32)  # a tiny constant that carries (N, F, T)
+        q, k, v = split(qkv, self.qkv.bias, shape_ref)  # (B, H, L, hd), bias added, q pre-scaled
+        out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
+        if self.fused_merge:
+            out = merge(out, shape_ref)
+        else:  # the same as a transpose (see `construct`)
+            out = out.reshape(n, -1, self.num_heads, out.shape[2], self.head_dim)
+            out = out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)
+        out = out.reshape(-1, d)
+        return _matmul_nt(out, self.proj.weight).reshape(n, f * t, d)
+
 
 class Mlp(nn.Cell):
     """timm Mlp: fc1 -> GELU(tanh) -> fc2."""
 
-    def __init__(self, in_features, hidden_features, dtype=ms.float32):
+    def __init__(self, in_features, hidden_features, dtype=ms.float32, fused=False):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features, dtype)
-        self.act = GELUTanh()
+        self.act = cpu_kernels.BiasGELU() if fused else GELUTanh()
         self.fc2 = Linear(hidden_features, in_features, dtype)
+        self.fused = fused
 
     def construct(self, x):
+        if self.fused:
+            y = ops.bias_add(self.forward_fused(x), self.fc2.bias)
+            return y.reshape(x.shape[:-1] + (y.shape[-1],))
         return self.fc2(self.act(self.fc1(x))[0])
+
+    def forward_fused(self, x):
+        """Fused-kernel path: x (..., D) -> fc2's output WITHOUT its bias, as 2-D rows."""
+        h = self.act(_matmul_nt(x.reshape(-1, x.shape[-1]), self.fc1.weight), self.fc1.bias)
+        return _matmul_nt(h, self.fc2.weight)
 
 
 class TransformerBlock(nn.Cell):
     """A Latte block with adaptive layer norm zero (adaLN-Zero) conditioning. Used for both the
     spatial and the temporal blocks: only which axis of x is attended over differs."""
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, dtype=ms.float32, enable_flash_attention=False):
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, dtype=ms.float32, enable_flash_attention=False,
+                 fused=False):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, dtype, enable_flash_attention)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype)
+        self.attn = Attention(hidden_size, num_heads, dtype, enable_flash_attention, fused)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype, fused)
         # Zero-initialised: every block starts as the identity (adaLN-Zero).
         self.adaLN_modulation = nn.SequentialCell([SiLU(), Linear(hidden_size, 6 * hidden_size, dtype, Zero())])
-        self.norm_modulate = _NormModulate()
-        self.gated_residual = _GatedResidual()
+        self.fused = fused
+        self.norm_modulate = cpu_kernels.NormModulate() if fused else _NormModulate()
+        self.gated_residual = cpu_kernels.GatedResidual() if fused else _GatedResidual()
+
+    def norm(self, x, shift, scale):
+        out = self.norm_modulate(x, shift, scale)
+        return out if self.fused else out[0]  # the plain cell also returns what its backward reuses
 
     def construct(self, x, c, temporal=False):
         """x (N, F, T, D); c (N, D) is the condition of each sample, shared by all of its frames
@@ -386,10 +436,16 @@ class TransformerBlock(nn.Cell):
         mod = self.adaLN_modulation(c).reshape(n, 1, 6 * d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, d, axis=-1)
         x = x.reshape(n, f * t, d)
-        h = self.norm_modulate(x, shift_msa, scale_msa)[0]
+        h = self.norm(x, shift_msa, scale_msa)
+        if self.fused:  # the projections' biases ride in the gated residuals
+            x = self.gated_residual(x, gate_msa, self.attn.forward_fused(h.reshape(n, f, t, d), temporal),
+                                    self.attn.proj.bias)
+            h = self.norm(x, shift_mlp, scale_mlp)
+            x = self.gated_residual(x, gate_mlp, self.mlp.forward_fused(h).reshape(n, f * t, d), self.mlp.fc2.bias)
+            return x.reshape(n, f, t, d)
         h = self.attn(h.reshape(n, f, t, d), temporal).reshape(n, f * t, d)
         x = self.gated_residual(x, gate_msa, h)
-        h = self.norm_modulate(x, shift_mlp, scale_mlp)[0]
+        h = self.norm(x, shift_mlp, scale_mlp)
         x = self.gated_residual(x, gate_mlp, self.mlp(h))
         return x.reshape(n, f, t, d)
 
@@ -397,18 +453,20 @@ class TransformerBlock(nn.Cell):
 class FinalLayer(nn.Cell):
     """The final layer of Latte: adaLN-modulated LayerNorm then a Linear to patch pixels."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, dtype=ms.float32):
+    def __init__(self, hidden_size, patch_size, out_channels, dtype=ms.float32, fused=False):
         super().__init__()
         # Both zero-initialised, so a fresh model predicts exactly 0.
         self.linear = Linear(hidden_size, patch_size * patch_size * out_channels, dtype, Zero())
         self.adaLN_modulation = nn.SequentialCell([SiLU(), Linear(hidden_size, 2 * hidden_size, dtype, Zero())])
-        self.norm_modulate = _NormModulate()
+        self.norm_modulate = cpu_kernels.NormModulate() if fused else _NormModulate()
+        self.fused = fused
 
     def construct(self, x, c):
         """x (N, F, T, D), c (N, D) -> (N, F, T, p*p*C_out)."""
         n, f, t, d = x.shape
         shift, scale = ops.split(self.adaLN_modulation(c).reshape(n, 1, 2 * d), d, axis=-1)
-        x = self.norm_modulate(x.reshape(n, f * t, d), shift, scale)[0]
+        x = self.norm_modulate(x.reshape(n, f * t, d), shift, scale)
+        x = x if self.fused else x[0]
         return self.linear(x).reshape(n, f, t, -1)
 
 
@@ -442,6 +500,7 @@ class Latte(nn.Cell):
         dtype=ms.float32,
         use_recompute=False,
         enable_flash_attention=False,
+        cpu_kernels=None,
     ):
         super().__init__()
         if extras not in (1, 2):
@@ -459,6 +518,11 @@ class Latte(nn.Cell):
                                  "set enable_flash_attention=False")
             if dtype == ms.float32:
                 raise ValueError("enable_flash_attention needs dtype float16 or bfloat16, not float32")
+        # The fused C++ kernels serve the CPU float32 path; None picks them whenever they apply.
+        fused_ok = device_target() == "CPU" and dtype == ms.float32 and not enable_flash_attention
+        if cpu_kernels and not fused_ok:
+            raise ValueError("cpu_kernels=True needs the CPU device and dtype float32: leave it unset")
+        self.cpu_kernels = fused = fused_ok and cpu_kernels is not False and _kernels_available()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -482,13 +546,14 @@ class Latte(nn.Cell):
         self.temp_embed = Parameter(Tensor(temp_embed[None], ms.float32), name="temp_embed", requires_grad=False)
 
         self.blocks = nn.CellList([
-            TransformerBlock(hidden_size, num_heads, mlp_ratio, dtype, enable_flash_attention)
+            TransformerBlock(hidden_size, num_heads, mlp_ratio, dtype, enable_flash_attention, fused)
             for _ in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype, fused)
         if use_recompute:
             for block in self.blocks:
                 block.recompute()
+                block.attn.fused_merge = False
 
     def unpatchify(self, x):
         """(N, F, T, p*p*C) -> (N, F, C, H, W)."""
@@ -545,6 +610,10 @@ class Latte(nn.Cell):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = ops.cat([half_eps, half_eps], axis=0)
         return ops.cat([eps, rest], axis=2)
+
+
+def _kernels_available():
+    return cpu_kernels.available()
 
 
 #################################################################################

@@ -1,0 +1,362 @@
+// Fused float32 CPU kernels for Latte's transformer blocks (see models/cpu_kernels.py).
+//
+// Each function is a MindSpore "aot" custom op: int f(nparam, params, ndims, shapes, dtypes, stream,
+// extra), inputs first then outputs in `params`. They replace chains of 4-10 elementwise MindSpore ops
+// (each a full pass over memory, several with broadcasts) by one pass: on MindSpore's CPU backend those
+// chains cost as much as the matmuls around them. Built with -fopenmp-simd: the `omp simd` loops are
+// vectorised, and each kernel runs on the calling thread (splitting them over OpenMP threads measured
+// no faster, because MindSpore's matmuls use the cores, and it needed OMP_WAIT_POLICY=PASSIVE to not
+// slow those down). No fast-math: exp is the polynomial below (about 1 ulp), the rest is IEEE float.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+
+namespace {
+
+int64_t numel(int nd, const int64_t *shape) {
+  int64_t n = 1;
+  for (int i = 0; i < nd; i++) n *= shape[i];
+  return n;
+}
+
+// exp(x) for float32, vectorisable (Cephes' expf polynomial after range reduction by ln 2).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries vectorise; fminf/fmaxf do not
+  float k = floorf(x * 1.44269504088896341f + 0.5f);
+  float r = x - k * 0.693359375f;
+  r = r + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+// GELU(tanh) = x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)
+constexpr float kGeluA = 1.5957691216057308f;           // 2 * sqrt(2 / pi)
+constexpr float kGeluAB = 1.5957691216057308f * 0.044715f;
+
+}  // namespace
+
+extern "C" {
+
+// y = gelu_tanh(z + b); z (..., K), b (K,)
+int bias_gelu_fwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *z = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *y = static_cast<float *>(params[2]);
+  const int64_t k = shapes[1][0], m = numel(ndims[0], shapes[0]) / k;
+  for (int64_t r = 0; r < m; r++) {
+    const float *zr = z + r * k;
+    float *yr = y + r * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; j++) {
+      float x = zr[j] + b[j];
+      float s = 1.0f / (1.0f + exp_approx(-x * (kGeluA + kGeluAB * x * x)));
+      yr[j] = x * s;
+    }
+  }
+  return 0;
+}
+
+// dz = dy * gelu'(z + b), db = sum over rows of dz; inputs z, b, dy
+int bias_gelu_bwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *z = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dz = static_cast<float *>(params[3]);
+  float *db = static_cast<float *>(params[4]);
+  const int64_t k = shapes[1][0], m = numel(ndims[0], shapes[0]) / k;
+  std::memset(db, 0, k * sizeof(float));
+  for (int64_t r = 0; r < m; r++) {
+    const float *zr = z + r * k, *dyr = dy + r * k;
+    float *dzr = dz + r * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; j++) {
+      float x = zr[j] + b[j], x2 = x * x;
+      float s = 1.0f / (1.0f + exp_approx(-x * (kGeluA + kGeluAB * x2)));
+      float g = dyr[j] * (s + x * s * (1.0f - s) * (kGeluA + 3.0f * kGeluAB * x2));
+      dzr[j] = g;
+      db[j] += g;
+    }
+  }
+  return 0;
+}
+
+// LayerNorm (no affine, eps 1e-6) then adaLN modulation: y = xhat * (1 + scale[n]) + shift[n].
+// x (N, M, D), shift, scale (N, 1, D) -> y (N, M, D)
+namespace {
+
+inline void row_stats(const float *xr, int64_t d, float *mean, float *rstd) {
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < d; j++) sum += xr[j];
+  const float mu = sum / d;
+  float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+  for (int64_t j = 0; j < d; j++) var += (xr[j] - mu) * (xr[j] - mu);
+  *mean = mu;
+  *rstd = 1.0f / std::sqrt(var / d + 1e-6f);
+}
+
+}  // namespace
+
+int norm_modulate_fwd(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *shift = static_cast<const float *>(params[1]);
+  const float *scale = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  const int64_t n = shapes[0][0], m = shapes[0][1], d = shapes[0][2];
+  for (int64_t r = 0; r < n * m; r++) {
+    const float *xr = x + r * d, *sh = shift + (r / m) * d, *sc = scale + (r / m) * d;
+    float *yr = y + r * d;
+    float mean, rstd;
+    row_stats(xr, d, &mean, &rstd);
+#pragma omp simd
+    for (int64_t j = 0; j < d; j++) yr[j] = (xr[j] - mean) * rstd * (1.0f + sc[j]) + sh[j];
+  }
+  return 0;
+}
+
+// inputs x, scale, dy -> dx (N, M, D), dshift, dscale (N, 1, D). The row statistics are recomputed
+// (the row is read anyway) rather than kept from the forward pass.
+int norm_modulate_bwd(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *scale = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dx = static_cast<float *>(params[3]);
+  float *dshift = static_cast<float *>(params[4]);
+  float *dscale = static_cast<float *>(params[5]);
+  const int64_t n = shapes[0][0], m = shapes[0][1], d = shapes[0][2];
+  std::memset(dshift, 0, n * d * sizeof(float));
+  std::memset(dscale, 0, n * d * sizeof(float));
+  for (int64_t r = 0; r < n * m; r++) {
+    const int64_t s = r / m;
+    const float *xr = x + r * d, *dyr = dy + r * d, *sc = scale + s * d;
+    float *dxr = dx + r * d, *acc_shift = dshift + s * d, *acc_scale = dscale + s * d;
+    float mean, rstd;
+    row_stats(xr, d, &mean, &rstd);
+    float g_sum = 0.0f, gx_sum = 0.0f;
+#pragma omp simd reduction(+ : g_sum, gx_sum)
+    for (int64_t j = 0; j < d; j++) {
+      float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (1.0f + sc[j]);
+      g_sum += g;
+      gx_sum += g * xhat;
+      acc_shift[j] += dyr[j];
+      acc_scale[j] += dyr[j] * xhat;
+    }
+    const float g_mean = g_sum / d, gx_mean = gx_sum / d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; j++) {
+      float xhat = (xr[j] - mean) * rstd, g = dyr[j] * (1.0f + sc[j]);
+      dxr[j] = rstd * (g - g_mean - xhat * gx_mean);
+    }
+  }
+  return 0;
+}
+
+// out = x + gate[n] * (z + b); x, z (N, M, D), gate (N, 1, D), b (D,)
+int gated_residual_fwd(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gate = static_cast<const float *>(params[1]);
+  const float *z = static_cast<const float *>(params[2]);
+  const float *b = static_cast<const float *>(params[3]);
+  float *out = static_cast<float *>(params[4]);
+  const int64_t n = shapes[0][0], m = shapes[0][1], d = shapes[0][2];
+  for (int64_t r = 0; r < n * m; r++) {
+    const float *xr = x + r * d, *zr = z + r * d, *gt = gate + (r / m) * d;
+    float *o = out + r * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; j++) o[j] = xr[j] + gt[j] * (zr[j] + b[j]);
+  }
+  return 0;
+}
+
+// inputs gate, z, b, dout -> dz = dout * gate[n], dgate (N, 1, D) = sum_m dout * (z + b), db (D,) = sum dz
+int gated_residual_bwd(int, void **params, int *, int64_t **shapes, const char **, void *, void *) {
+  const float *gate = static_cast<const float *>(params[0]);
+  const float *z = static_cast<const float *>(params[1]);
+  const float *b = static_cast<const float *>(params[2]);
+  const float *dout = static_cast<const float *>(params[3]);
+  float *dz = static_cast<float *>(params[4]);
+  float *dgate = static_cast<float *>(params[5]);
+  float *db = static_cast<float *>(params[6]);
+  const int64_t n = shapes[1][0], m = shapes[1][1], d = shapes[1][2];
+  std::memset(dgate, 0, n * d * sizeof(float));
+  std::memset(db, 0, d * sizeof(float));
+  for (int64_t r = 0; r < n * m; r++) {
+    const int64_t s = r / m;
+    const float *zr = z + r * d, *dr = dout + r * d, *gt = gate + s * d;
+    float *dzr = dz + r * d, *acc_gate = dgate + s * d;
+#pragma omp simd
+    for (int64_t j = 0; j < d; j++) {
+      float g = dr[j] * gt[j];
+      dzr[j] = g;
+      acc_gate[j] += dr[j] * (zr[j] + b[j]);
+      db[j] += g;
+    }
+  }
+  return 0;
+}
+
+// ---- attention layouts ------------------------------------------------------------------------
+// The qkv projection gives rows (n, f, t) of [q | k | v], each [head][hd]. Spatial attention wants
+// (n*F + f, head, t, hd), temporal (n*T + t, head, f, hd). `temporal` picks the layout; the index of
+// row (n, f, t), head h in the batched layout is ((n, s) * H + h) * L + l with (s, l) = (f, t) or (t, f).
+namespace {
+
+inline int64_t batched_offset(int64_t n, int64_t f, int64_t t, int64_t h, int64_t F, int64_t T, int64_t H,
+                              int64_t hd, bool temporal) {
+  const int64_t s = temporal ? n * T + t : n * F + f, l = temporal ? f : t, L = temporal ? F : T;
+  return ((s * H + h) * L + l) * hd;
+}
+
+// inputs qkv (N, F, T, 3D), b (3D,), shape (N, F, T, 1) -> q, k, v (B, H, L, hd); q is scaled by hd^-0.5
+int qkv_split(void **params, int64_t **shapes, bool temporal) {
+  const float *qkv = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  float *out[3] = {static_cast<float *>(params[3]), static_cast<float *>(params[4]),
+                   static_cast<float *>(params[5])};
+  const int64_t N = shapes[0][0], F = shapes[0][1], T = shapes[0][2], D3 = shapes[0][3];
+  const int64_t H = shapes[3][1], hd = shapes[3][3], D = D3 / 3;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  for (int64_t r = 0; r < N * F * T; r++) {
+    const int64_t n = r / (F * T), f = (r / T) % F, t = r % T;
+    const float *row = qkv + r * D3;
+    for (int which = 0; which < 3; which++) {
+      const float mul = which == 0 ? scale : 1.0f;
+      for (int64_t h = 0; h < H; h++) {
+        const float *src = row + which * D + h * hd, *bias = b + which * D + h * hd;
+        float *dst = out[which] + batched_offset(n, f, t, h, F, T, H, hd, temporal);
+#pragma omp simd
+        for (int64_t j = 0; j < hd; j++) dst[j] = (src[j] + bias[j]) * mul;
+      }
+    }
+  }
+  return 0;
+}
+
+// inputs dq, dk, dv (B, H, L, hd), shape (N, F, T, 1) -> dqkv (N, F, T, 3D), db (3D,)
+int qkv_split_bwd(void **params, int64_t **shapes, bool temporal) {
+  const float *grad[3] = {static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+                          static_cast<const float *>(params[2])};
+  float *dqkv = static_cast<float *>(params[4]);
+  float *db = static_cast<float *>(params[5]);
+  const int64_t H = shapes[0][1], hd = shapes[0][3], D = H * hd, D3 = 3 * D;
+  const int64_t N = shapes[3][0], F = shapes[3][1], T = shapes[3][2];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  std::memset(db, 0, D3 * sizeof(float));
+  for (int64_t r = 0; r < N * F * T; r++) {
+    const int64_t n = r / (F * T), f = (r / T) % F, t = r % T;
+    float *row = dqkv + r * D3;
+    for (int which = 0; which < 3; which++) {
+      const float mul = which == 0 ? scale : 1.0f;
+      for (int64_t h = 0; h < H; h++) {
+        const float *src = grad[which] + batched_offset(n, f, t, h, F, T, H, hd, temporal);
+        float *dst = row + which * D + h * hd, *a = db + which * D + h * hd;
+#pragma omp simd
+        for (int64_t j = 0; j < hd; j++) {
+          float g = src[j] * mul;
+          dst[j] = g;
+          a[j] += g;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// merge (forward == true): o (B, H, L, hd), shape (N, F, T, 1) -> out (N, F, T, D)
+// split (forward == false): dout (N, F, T, D), shape -> (B, H, L, hd)
+int heads_move(void **params, int64_t **shapes, bool temporal, bool merge) {
+  const float *src = static_cast<const float *>(params[0]);
+  float *dst = static_cast<float *>(params[2]);
+  const int64_t N = shapes[1][0], F = shapes[1][1], T = shapes[1][2];
+  const int64_t H = merge ? shapes[0][1] : shapes[2][1], hd = merge ? shapes[0][3] : shapes[2][3];
+  const int64_t D = H * hd;
+  for (int64_t r = 0; r < N * F * T; r++) {
+    const int64_t n = r / (F * T), f = (r / T) % F, t = r % T;
+    for (int64_t h = 0; h < H; h++) {
+      const int64_t off = batched_offset(n, f, t, h, F, T, H, hd, temporal);
+      const float *s = merge ? src + off : src + r * D + h * hd;
+      float *d = merge ? dst + r * D + h * hd : dst + off;
+      std::memcpy(d, s, hd * sizeof(float));
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+int qkv_split_spatial(int, void **p, int *, int64_t **s, const char **, void *, void *) { return qkv_split(p, s, false); }
+int qkv_split_temporal(int, void **p, int *, int64_t **s, const char **, void *, void *) { return qkv_split(p, s, true); }
+int qkv_split_spatial_bwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return qkv_split_bwd(p, s, false);
+}
+int qkv_split_temporal_bwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return qkv_split_bwd(p, s, true);
+}
+int heads_merge_spatial(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return heads_move(p, s, false, true);
+}
+int heads_merge_temporal(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return heads_move(p, s, true, true);
+}
+int heads_split_spatial(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return heads_move(p, s, false, false);
+}
+int heads_split_temporal(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return heads_move(p, s, true, false);
+}
+
+// Softmax over the last axis; x (..., L)
+int softmax_fwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  float *y = static_cast<float *>(params[1]);
+  const int64_t l = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / l;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *xr = x + r * l;
+    float *yr = y + r * l;
+    float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+    for (int64_t j = 0; j < l; j++) mx = xr[j] > mx ? xr[j] : mx;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < l; j++) {
+      float e = exp_approx(xr[j] - mx);
+      yr[j] = e;
+      sum += e;
+    }
+    const float inv = 1.0f / sum;
+#pragma omp simd
+    for (int64_t j = 0; j < l; j++) yr[j] *= inv;
+  }
+  return 0;
+}
+
+// inputs y (softmax output), dy -> dx = y * (dy - sum(dy * y))
+int softmax_bwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *y = static_cast<const float *>(params[0]);
+  const float *dy = static_cast<const float *>(params[1]);
+  float *dx = static_cast<float *>(params[2]);
+  const int64_t l = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / l;
+  for (int64_t r = 0; r < rows; r++) {
+    const float *yr = y + r * l, *dyr = dy + r * l;
+    float *dxr = dx + r * l;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t j = 0; j < l; j++) dot += dyr[j] * yr[j];
+#pragma omp simd
+    for (int64_t j = 0; j < l; j++) dxr[j] = yr[j] * (dyr[j] - dot);
+  }
+  return 0;
+}
+
+}  // extern "C"

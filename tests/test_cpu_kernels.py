@@ -1,0 +1,136 @@
+"""The fused CPU kernels (models/cpu_kernels.cc) compute what the plain-ops layers compute, forward
+and backward, and Latte falls back to the plain path when they cannot be built."""
+import numpy as np
+import pytest
+
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from models import cpu_kernels
+from models.latte import GELUTanh, Latte, _GatedResidual, _NormModulate, _Softmax
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: fused kernels not built")
+
+SMALL = dict(input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=2)
+
+
+def rand(*shape, seed=0):
+    return Tensor(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+def assert_same_fn(fused, plain, inputs, atol=2e-6):
+    """Equal outputs, and equal gradients of a random projection of the outputs w.r.t. every input."""
+    out_f, out_p = fused(*inputs), plain(*inputs)
+    np.testing.assert_allclose(out_f.asnumpy(), out_p.asnumpy(), rtol=0, atol=atol)
+    dy = rand(*out_p.shape, seed=7)
+    argnums = tuple(range(len(inputs)))
+    grads_f = ms.grad(lambda *a: (fused(*a) * dy).sum(), argnums)(*inputs)
+    grads_p = ms.grad(lambda *a: (plain(*a) * dy).sum(), argnums)(*inputs)
+    for i, (gf, gp) in enumerate(zip(grads_f, grads_p)):
+        scale = max(1.0, float(np.abs(gp.asnumpy()).max()))
+        np.testing.assert_allclose(gf.asnumpy(), gp.asnumpy(), rtol=0, atol=atol * 4 * scale, err_msg=f"input {i}")
+
+
+def test_bias_gelu_equals_bias_add_then_gelu():
+    fused, plain = cpu_kernels.BiasGELU(), GELUTanh()
+    z = rand(2, 5, 24) * 3  # wide range: both tails of the sigmoid
+    assert_same_fn(fused, lambda z, b: plain(z + b)[0], (z, rand(24, seed=1)))
+
+
+def test_norm_modulate_equals_layernorm_then_modulation():
+    fused, plain = cpu_kernels.NormModulate(), _NormModulate()
+    x = rand(2, 7, 40) * 2 + 1
+    assert_same_fn(fused, lambda *a: plain(*a)[0], (x, rand(2, 1, 40, seed=1), rand(2, 1, 40, seed=2)))
+
+
+def test_gated_residual_with_bias_equals_plain():
+    fused, plain = cpu_kernels.GatedResidual(), _GatedResidual()
+    assert_same_fn(fused, lambda x, g, z, b: plain(x, g, z + b),
+                   (rand(2, 6, 16), rand(2, 1, 16, seed=1), rand(2, 6, 16, seed=2), rand(16, seed=3)))
+
+
+def test_softmax_equals_plain_including_large_logits():
+    x = rand(3, 4, 9) * 30
+    assert_same_fn(cpu_kernels.Softmax(), lambda a: _Softmax()(a), (x,))
+
+
+@pytest.mark.parametrize("temporal", [False, True])
+def test_qkv_split_and_heads_merge_are_the_attention_layouts(temporal):
+    n, f, t, heads, hd = 2, 3, 5, 2, 4
+    d = heads * hd
+    ref = ops.zeros((n, f, t, 1), ms.float32)
+
+    def plain_split(qkv, b):
+        qkv = (qkv + b).reshape(n, f, t, 3, heads, hd)
+        qkv = qkv.transpose(3, 0, 2, 4, 1, 5) if temporal else qkv.transpose(3, 0, 1, 4, 2, 5)
+        q, k, v = ops.unstack(qkv.reshape(3, -1, heads, qkv.shape[-2], hd), 0)
+        return ops.stack([q * hd ** -0.5, k, v])
+
+    split = cpu_kernels.QKVSplit(heads, temporal)
+    assert_same_fn(lambda qkv, b: ops.stack(split(qkv, b, ref)), plain_split, (rand(n, f, t, 3 * d), rand(3 * d)))
+
+    def plain_merge(o):
+        o = o.reshape(n, t, heads, f, hd) if temporal else o.reshape(n, f, heads, t, hd)
+        return (o.transpose(0, 3, 1, 2, 4) if temporal else o.transpose(0, 1, 3, 2, 4)).reshape(n, f, t, d)
+
+    merge = cpu_kernels.HeadsMerge(heads, temporal)
+    o = rand(n * t, heads, f, hd) if temporal else rand(n * f, heads, t, hd)
+    assert_same_fn(lambda o: merge(o, ref), plain_merge, (o,))
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fused_latte_equals_plain_latte_forward_and_gradients(mode):
+    plain = Latte(**SMALL, num_frames=3, extras=2, num_classes=3, cpu_kernels=False)
+    fused = Latte(**SMALL, num_frames=3, extras=2, num_classes=3)
+    assert fused.cpu_kernels and not plain.cpu_kernels
+    rng = np.random.default_rng(0)
+    for (name, p), (name_f, p_f) in zip(plain.parameters_and_names(), fused.parameters_and_names()):
+        assert name == name_f  # same parameters: checkpoints load into either path
+        value = Tensor((rng.standard_normal(p.shape) * 0.2).astype(np.float32))
+        p.set_data(value)
+        p_f.set_data(value.copy())
+    x, t, y = rand(2, 3, 4, 8, 8), Tensor(np.array([10, 700])), Tensor(np.array([0, 2]))
+
+    def grads(net):
+        def loss(x):
+            return (net(x, t, y) ** 2).mean()
+
+        fn = ms.value_and_grad(loss, None, net.trainable_params())
+        return (ms.jit(fn) if mode == "graph" else fn)(x)
+
+    np.testing.assert_allclose(fused(x, t, y).asnumpy(), plain(x, t, y).asnumpy(), rtol=1e-5, atol=1e-5)
+    (loss_p, grads_p), (loss_f, grads_f) = grads(plain), grads(fused)
+    np.testing.assert_allclose(loss_f.asnumpy(), loss_p.asnumpy(), rtol=1e-5)
+    for param, gp, gf in zip(plain.trainable_params(), grads_p, grads_f):
+        scale = float(np.abs(gp.asnumpy()).max())
+        np.testing.assert_allclose(gf.asnumpy(), gp.asnumpy(), rtol=0, atol=1e-4 * scale + 1e-8, err_msg=param.name)
+
+
+def test_without_a_compiler_latte_falls_back_to_plain_ops(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler 'no-such-compiler'"):
+        cpu_kernels.build_library()
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    net = Latte(**SMALL, num_frames=2)
+    assert not net.cpu_kernels and isinstance(net.blocks[0].norm_modulate, _NormModulate)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fused CPU kernels unavailable" in err and "no-such-compiler" in err
+    assert net(rand(1, 2, 4, 8, 8), Tensor(np.array([5]))).shape == (1, 2, 8, 8, 8)
+
+
+def test_compiler_error_is_one_line_and_leaves_no_partial_library(monkeypatch, tmp_path):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path / "kernels"))
+    with pytest.raises(RuntimeError, match="failed on broken.cc") as info:
+        cpu_kernels.build_library()
+    assert "\n" not in str(info.value)
+    assert list((tmp_path / "kernels").iterdir()) == []
+
+
+def test_kernels_only_where_they_apply():
+    assert not Latte(**SMALL, num_frames=2, dtype=ms.float16).cpu_kernels
+    with pytest.raises(ValueError, match="cpu_kernels=True needs the CPU device and dtype float32"):
+        Latte(**SMALL, num_frames=2, dtype=ms.float16, cpu_kernels=True)
