@@ -9,8 +9,9 @@ Both networks are Latte-S/2 (depth 12, hidden 384, patch 2, 6 heads) on 16 frame
 latents (256 px videos), batch 1, fp32, graph mode, unconditional, with the SAME weights (ours are
 copied into MindONE's network, and the two outputs are compared), and both run through the SAME
 sampler (`models.diffusion`, 250 respaced DDPM steps, `clip_denoised=False`). So the difference
-is the network alone. A denoising step is the network call plus the sampler's arithmetic and the
-step's noise draw: what `latte sample` spends per step.
+is the network alone (ours with its fused CPU kernels when g++ can build them). A denoising step
+is the network call plus the sampler's arithmetic and the step's noise draw: what `latte sample`
+spends per step.
 
 MindONE 0.5.0 builds its layers from `mindspore.mint`, whose kernels are not registered on CPU;
 bench/bench_train.py's shim swaps them for the classic layers while MindONE's modules are imported
@@ -109,6 +110,8 @@ def main():
     print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
           f"{args.cpu_threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
     ours = Latte(input_size=LATENT, num_frames=FRAMES, learn_sigma=True, **SIZE)
+    print("ours runs " + ("its fused CPU kernels" if ours.cpu_kernels else "plain ops (fused CPU kernels off or "
+                          "not built)") + "; LATTE_CPU_KERNELS=0 selects the plain-ops path", flush=True)
     rng = np.random.default_rng(0)
     for name, param in ours.parameters_dict().items():  # non-zero everywhere, so outputs can be compared
         if "adaLN_modulation" in name or "final_layer.linear" in name:

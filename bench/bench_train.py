@@ -5,7 +5,9 @@
 
 Both networks are Latte-S/2 on 16x4x32x32 latents, batch 1, fp32, graph mode (`ms.jit`), and both
 train through the SAME step: `models.diffusion` loss (MSE + VB), our AdamW (torch semantics), EMA
-and gradient clipping (`trainer.step.TrainStep`). So the difference is the network alone.
+and gradient clipping (`trainer.step.TrainStep`). So the difference is the network alone. Ours runs
+with its fused CPU kernels (`models/cpu_kernels.py`) when g++ can build them; `LATTE_CPU_KERNELS=0`
+measures its plain-ops path instead. The output says which one ran.
 
 MindONE 0.5.0 (`mindone.models.latte.Latte`) builds its layers from `mindspore.mint`, whose kernels
 (Linear, LayerNorm, GELU, Conv2d, arange, ...) are not registered on CPU. A shim swaps `mint` for
@@ -195,6 +197,7 @@ def run_one(which, args):
     out = {"which": which, "s_per_step": float(np.median(times)), "times": times, "first_step_s": t_compile,
            "cpu_s_per_step": float(np.median(cpu_times)), "load_avg": os.getloadavg()[0],
            "params": int(sum(p.size for p in step.params)), "loss": losses[-1],
+           "network": "fused CPU kernels" if getattr(net, "cpu_kernels", False) else "plain ops",
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     if which == "ours" and args.peak:
         out["matmul_peak_gflops"] = matmul_peak()
@@ -231,7 +234,7 @@ def main():
         print(f"{which:8s} {r['s_per_step']:.3f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])}; "
               f"first step incl. compile {r['first_step_s']:.1f} s), {r['cpu_s_per_step']:.2f} CPU-s/step, "
               f"peak RSS {r['peak_rss_gb']:.2f} GB, {r['params'] / 1e6:.2f} M params, "
-              f"load average {r['load_avg']:.1f}", flush=True)
+              f"load average {r['load_avg']:.1f}" + (f", {r['network']}" if which == "ours" else ""), flush=True)
 
     ours = results.get("ours")
     if ours:
