@@ -360,3 +360,255 @@ int softmax_bwd(int, void **params, int *ndims, int64_t **shapes, const char **,
 }
 
 }  // extern "C"
+
+// ---- VAE: convolution as im2col + matmul, GroupNorm (+ SiLU) ---------------------------------
+// im2col: x (N, C, H, W) -> cols (N, k*k*C + 1, Ho, Wo); row (i*k + j)*C + c holds
+// x[c, r*s + i - p, q*s + j - p] (zero outside the image), the last row is ones (it multiplies the
+// bias column of the weight matrix). Two layouts are supported, the two the VAE uses: "same"
+// (stride 1, p = (k - 1) / 2) and "down" (diffusers' Downsample2D: stride 2, zero pad 1 at the
+// bottom and right only, i.e. p = 0 with out-of-range reads as zero).
+namespace {
+
+struct ConvGeometry {
+  int64_t n, c, h, w, k, ho, wo, stride, pad;
+};
+
+ConvGeometry geometry(const int64_t *x_shape, const int64_t *cols_shape, bool down) {
+  ConvGeometry g;
+  g.n = x_shape[0], g.c = x_shape[1], g.h = x_shape[2], g.w = x_shape[3];
+  g.ho = cols_shape[2], g.wo = cols_shape[3];
+  g.k = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>((cols_shape[1] - 1) / g.c))));
+  g.stride = down ? 2 : 1;
+  g.pad = down ? 0 : (g.k - 1) / 2;
+  return g;
+}
+
+void im2col(const float *x, float *cols, const ConvGeometry &g) {
+  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
+  for (int64_t n = 0; n < g.n; n++) {
+    float *out_n = cols + n * rows * plane;
+    // channel outermost: its input plane stays in cache while its k*k taps are written
+    for (int64_t c = 0; c < g.c; c++) {
+      const float *src = x + (n * g.c + c) * g.h * g.w;
+      for (int64_t i = 0; i < g.k; i++) {
+        for (int64_t j = 0; j < g.k; j++) {
+          // output columns q whose input column q*s + j - p lies inside [0, W)
+          int64_t q0 = 0, q1 = g.wo;
+          while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
+          while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
+          float *dst = out_n + ((i * g.k + j) * g.c + c) * plane;
+          for (int64_t r = 0; r < g.ho; r++) {
+            float *d = dst + r * g.wo;
+            const int64_t y = r * g.stride + i - g.pad;
+            if (y < 0 || y >= g.h) {
+              std::memset(d, 0, g.wo * sizeof(float));
+              continue;
+            }
+            for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
+            for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
+            const float *s = src + y * g.w + j - g.pad;
+            if (g.stride == 1) {
+              std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
+            } else {
+#pragma omp simd
+              for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
+            }
+          }
+        }
+      }
+    }
+    float *ones = out_n + (rows - 1) * plane;
+    for (int64_t q = 0; q < plane; q++) ones[q] = 1.0f;
+  }
+}
+
+// the adjoint of im2col: dx[c, y, x] = sum over the taps that read it (the ones row has no input)
+void col2im(const float *dcols, float *dx, const ConvGeometry &g) {
+  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
+  std::memset(dx, 0, g.n * g.c * g.h * g.w * sizeof(float));
+  for (int64_t n = 0; n < g.n; n++) {
+    const float *in_n = dcols + n * rows * plane;
+    for (int64_t i = 0; i < g.k; i++) {
+      for (int64_t j = 0; j < g.k; j++) {
+        int64_t q0 = 0, q1 = g.wo;
+        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
+        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
+        for (int64_t c = 0; c < g.c; c++) {
+          float *dst = dx + (n * g.c + c) * g.h * g.w;
+          const float *src = in_n + ((i * g.k + j) * g.c + c) * plane;
+          for (int64_t r = 0; r < g.ho; r++) {
+            const int64_t y = r * g.stride + i - g.pad;
+            if (y < 0 || y >= g.h) continue;
+            float *d = dst + y * g.w + j - g.pad;
+            const float *s = src + r * g.wo;
+            if (g.stride == 1) {
+#pragma omp simd
+              for (int64_t q = q0; q < q1; q++) d[q] += s[q];
+            } else {
+              for (int64_t q = q0; q < q1; q++) d[q * g.stride] += s[q];
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// GroupNorm (eps 1e-6, affine), optionally followed by SiLU. x (N, C, H, W); groups from the
+// (N, G) shape carrier. Statistics in double over the group (up to millions of values).
+struct GroupGeometry {
+  int64_t n, c, hw, groups, cg;
+};
+
+GroupGeometry group_geometry(int64_t **shapes, int x_index, int carrier_index) {
+  GroupGeometry g;
+  g.n = shapes[x_index][0], g.c = shapes[x_index][1], g.hw = shapes[x_index][2] * shapes[x_index][3];
+  g.groups = shapes[carrier_index][1], g.cg = g.c / g.groups;
+  return g;
+}
+
+void group_stats(const float *x, int64_t count, float *mean, float *rstd) {
+  double sum = 0.0;
+  for (int64_t start = 0; start < count; start += 4096) {
+    const int64_t end = start + 4096 < count ? start + 4096 : count;
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t e = start; e < end; e++) part += x[e];
+    sum += part;
+  }
+  const float mu = static_cast<float>(sum / count);
+  double var = 0.0;
+  for (int64_t start = 0; start < count; start += 4096) {
+    const int64_t end = start + 4096 < count ? start + 4096 : count;
+    float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+    for (int64_t e = start; e < end; e++) part += (x[e] - mu) * (x[e] - mu);
+    var += part;
+  }
+  *mean = mu;
+  *rstd = static_cast<float>(1.0 / std::sqrt(var / count + 1e-6));
+}
+
+// inputs x, gamma, beta, carrier (N, G) -> y
+int group_norm(void **params, int64_t **shapes, bool silu) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[4]);
+  const GroupGeometry g = group_geometry(shapes, 0, 3);
+  for (int64_t n = 0; n < g.n; n++) {
+    for (int64_t grp = 0; grp < g.groups; grp++) {
+      const int64_t offset = (n * g.c + grp * g.cg) * g.hw;
+      float mean, rstd;
+      group_stats(x + offset, g.cg * g.hw, &mean, &rstd);
+      for (int64_t c = grp * g.cg; c < (grp + 1) * g.cg; c++) {
+        const float a = rstd * gamma[c], b = beta[c] - mean * a;
+        const float *xs = x + (n * g.c + c) * g.hw;
+        float *ys = y + (n * g.c + c) * g.hw;
+        if (silu) {
+#pragma omp simd
+          for (int64_t e = 0; e < g.hw; e++) {
+            float z = xs[e] * a + b;
+            ys[e] = z / (1.0f + exp_approx(-z));
+          }
+        } else {
+#pragma omp simd
+          for (int64_t e = 0; e < g.hw; e++) ys[e] = xs[e] * a + b;
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+// inputs x, gamma, beta, carrier, dy -> dx, dgamma, dbeta
+int group_norm_backward(void **params, int64_t **shapes, bool silu) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *gamma = static_cast<const float *>(params[1]);
+  const float *beta = static_cast<const float *>(params[2]);
+  const float *dy = static_cast<const float *>(params[4]);
+  float *dx = static_cast<float *>(params[5]);
+  float *dgamma = static_cast<float *>(params[6]);
+  float *dbeta = static_cast<float *>(params[7]);
+  const GroupGeometry g = group_geometry(shapes, 0, 3);
+  std::memset(dgamma, 0, g.c * sizeof(float));
+  std::memset(dbeta, 0, g.c * sizeof(float));
+  for (int64_t n = 0; n < g.n; n++) {
+    for (int64_t grp = 0; grp < g.groups; grp++) {
+      const int64_t offset = (n * g.c + grp * g.cg) * g.hw, count = g.cg * g.hw;
+      float mean, rstd;
+      group_stats(x + offset, count, &mean, &rstd);
+      double sum_g = 0.0, sum_gx = 0.0;
+      // pass 1: gradient w.r.t. the normalised value, kept in dx; the sums the backward needs
+      for (int64_t c = grp * g.cg; c < (grp + 1) * g.cg; c++) {
+        const float *xs = x + (n * g.c + c) * g.hw, *dys = dy + (n * g.c + c) * g.hw;
+        float *gs = dx + (n * g.c + c) * g.hw;
+        float dgam = 0.0f, dbet = 0.0f, sg = 0.0f, sgx = 0.0f;
+#pragma omp simd reduction(+ : dgam, dbet, sg, sgx)
+        for (int64_t e = 0; e < g.hw; e++) {
+          float xhat = (xs[e] - mean) * rstd, dz = dys[e];
+          if (silu) {
+            float z = xhat * gamma[c] + beta[c], s = 1.0f / (1.0f + exp_approx(-z));
+            dz = dz * (s + z * s * (1.0f - s));
+          }
+          dgam += dz * xhat;
+          dbet += dz;
+          float gval = dz * gamma[c];
+          gs[e] = gval;
+          sg += gval;
+          sgx += gval * xhat;
+        }
+        dgamma[c] += dgam;
+        dbeta[c] += dbet;
+        sum_g += sg;
+        sum_gx += sgx;
+      }
+      const float mean_g = static_cast<float>(sum_g / count), mean_gx = static_cast<float>(sum_gx / count);
+      for (int64_t c = grp * g.cg; c < (grp + 1) * g.cg; c++) {
+        const float *xs = x + (n * g.c + c) * g.hw;
+        float *gs = dx + (n * g.c + c) * g.hw;
+#pragma omp simd
+        for (int64_t e = 0; e < g.hw; e++) {
+          float xhat = (xs[e] - mean) * rstd;
+          gs[e] = rstd * (gs[e] - mean_g - xhat * mean_gx);
+        }
+      }
+    }
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// input x -> cols
+int im2col_same(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  im2col(static_cast<const float *>(p[0]), static_cast<float *>(p[1]), geometry(s[0], s[1], false));
+  return 0;
+}
+int im2col_down(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  im2col(static_cast<const float *>(p[0]), static_cast<float *>(p[1]), geometry(s[0], s[1], true));
+  return 0;
+}
+// inputs dcols, carrier (N, C, 1, 1) (it gives the Python side C for the output shape) -> dx (N, C, H, W)
+int col2im_same(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  col2im(static_cast<const float *>(p[0]), static_cast<float *>(p[2]), geometry(s[2], s[0], false));
+  return 0;
+}
+int col2im_down(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  col2im(static_cast<const float *>(p[0]), static_cast<float *>(p[2]), geometry(s[2], s[0], true));
+  return 0;
+}
+int group_norm_fwd(int, void **p, int *, int64_t **s, const char **, void *, void *) { return group_norm(p, s, false); }
+int group_norm_silu_fwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return group_norm(p, s, true);
+}
+int group_norm_bwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return group_norm_backward(p, s, false);
+}
+int group_norm_silu_bwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  return group_norm_backward(p, s, true);
+}
+
+}  // extern "C"

@@ -1,4 +1,4 @@
-"""Fused float32 CPU kernels for Latte's transformer blocks, as MindSpore "aot" custom ops.
+"""Fused float32 CPU kernels for Latte's transformer blocks and the VAE, as MindSpore "aot" custom ops.
 
 On MindSpore's CPU backend a Latte-S/2 forward spent as long in the elementwise chains between the
 matmuls (LayerNorm + adaLN modulation, bias + tanh GELU, gated residuals, the q/k/v head layouts,
@@ -6,7 +6,8 @@ softmax) as in the matmuls themselves: every op is one more pass over memory, an
 operator fusion on CPU. `cpu_kernels.cc` does each chain, forward and backward, in one pass. The
 cells below wrap them with hand-written backward passes; `models/latte.py` uses them on CPU in
 float32 and keeps the plain-ops path (same math, same parameters) for GPU/Ascend, other dtypes, and
-machines where the library cannot be built.
+machines where the library cannot be built. `models/layers.py` does the same for the VAE's
+convolutions (im2col written in one pass) and GroupNorm (+ SiLU).
 
 The library is compiled on first use with the system C++ compiler (g++ by default, `CXX` to change)
 for this processor (-march=native), into `$LATTE_KERNEL_DIR` (default ~/.cache/latte/kernels), keyed
@@ -219,3 +220,41 @@ class Softmax(nn.Cell):
 
     def bprop(self, x, out, dout):
         return (self.bwd(out, dout),)
+
+
+class Im2Col(nn.Cell):
+    """x (N, C, H, W) -> the im2col matrix (N, k*k*C + 1, Ho, Wo) of a k x k convolution, row
+    (i*k + j)*C + c, plus a last row of ones for the bias. `down=False`: stride 1, "same" padding
+    (k odd); `down=True`: diffusers' Downsample2D (stride 2, zero pad 1 at bottom and right). The
+    backward is the adjoint scatter-add. `carrier` is an (N, C, 1, 1) constant giving the backward C."""
+
+    def __init__(self, kernel_size, down):
+        super().__init__()
+        k, s, kind = kernel_size, (2 if down else 1), ("down" if down else "same")
+        self.fwd = _op(f"im2col_{kind}", lambda x: [x[0], k * k * x[1] + 1, x[2] // s, x[3] // s], lambda x: x)
+        self.bwd = _op(f"col2im_{kind}", lambda d, c: [d[0], c[1], d[2] * s, d[3] * s], lambda d, c: d)
+
+    def construct(self, x, carrier):
+        return self.fwd(x)
+
+    def bprop(self, x, carrier, out, dout):
+        return self.bwd(dout, carrier), _zeros_like(carrier)
+
+
+class GroupNormAct(nn.Cell):
+    """torch's GroupNorm (eps 1e-6, affine) of x (N, C, H, W), followed by SiLU when `silu`. The
+    number of groups comes from `carrier`, an (N, G) constant. One pass for the statistics, one for
+    the output; the backward is the exact GroupNorm (+ SiLU) gradient."""
+
+    def __init__(self, silu):
+        super().__init__()
+        kind = "group_norm_silu" if silu else "group_norm"
+        self.fwd = _op(f"{kind}_fwd", lambda x, g, b, c: x, lambda x, g, b, c: x)
+        self.bwd = _op(f"{kind}_bwd", lambda x, g, b, c, d: (x, g, b), lambda x, g, b, c, d: (x, x, x))
+
+    def construct(self, x, gamma, beta, carrier):
+        return self.fwd(x, gamma, beta, carrier)
+
+    def bprop(self, x, gamma, beta, carrier, out, dout):
+        dx, dgamma, dbeta = self.bwd(x, gamma, beta, carrier, dout)
+        return dx, dgamma, dbeta, _zeros_like(carrier)

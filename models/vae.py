@@ -18,7 +18,7 @@ they are native.
 import mindspore as ms
 from mindspore import nn, ops
 
-from models.layers import Conv2d, GroupNorm, Linear, silu
+from models.layers import Conv2d, GroupNorm, Linear
 
 DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
@@ -38,8 +38,8 @@ class ResnetBlock2D(nn.Cell):
             self.conv_shortcut = Conv2d(in_channels, out_channels, 1, impl=impl, dtype=dtype)
 
     def construct(self, x):
-        h = self.conv1(silu(self.norm1(x)))
-        h = self.conv2(silu(self.norm2(h)))
+        h = self.conv1(self.norm1.then_silu(x))
+        h = self.conv2(self.norm2.then_silu(h))
         if self.has_shortcut:
             x = self.conv_shortcut(x)
         return x + h
@@ -164,7 +164,7 @@ class Encoder(nn.Cell):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out.then_silu(x))
 
 
 class Decoder(nn.Cell):
@@ -187,7 +187,7 @@ class Decoder(nn.Cell):
         x = self.mid_block(x)
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(silu(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out.then_silu(x))
 
 
 class AutoencoderKL(nn.Cell):
