@@ -5,7 +5,7 @@ real set), all figures from one run:
 (b) `latte ingest` end to end on the same frames (discover, decode, crop+resize, VAE, write, commit)
     and the ratio b/a (target >= 0.9: the reader thread hides decoding and resizing behind the VAE);
 (c) peak RSS of ingesting a 2,000-frame video vs a 200-frame one, each in a fresh subprocess
-    (ru_maxrss; target ratio <= 1.2: memory does not grow with video length);
+    (VmHWM; target ratio <= 1.2: memory does not grow with video length);
 (d) 16- and 128-frame clip reads per second from the store with one reader, against the same reads
     from one .npy file per frame (MindONE's numpy cache layout); target: faster than that layout.
 
@@ -115,6 +115,18 @@ def write_long_mp4(path, frames, size=(360, 640), chunk=50):
         container.mux(stream.encode())
 
 
+def peak_rss_mib():
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that across fork and
+    exec, so a child started by a parent that was at 7 GB reports 7 GB whatever it used itself."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def rss_child(data, cache):
     """Run in a fresh process: ingest `data` and print the peak RSS in MiB."""
     from models.runtime import setup_device
@@ -125,7 +137,7 @@ def rss_child(data, cache):
     t = time.perf_counter()
     result = pipeline.run_ingest(ingest_config(data, cache, "rss", 256, 8), environ={})
     seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = peak_rss_mib()
     print(json.dumps({"frames": result.frames, "peak_rss_mib": peak, "seconds": seconds}))
 
 
