@@ -59,27 +59,9 @@ def sky_frames(num_videos, frames_per_video, seed):
 
 
 def make_trainable(vae):
-    """Unfreeze the VAE and give its GroupNorms a backward. models/layers.GroupNorm applies its
-    statistics through an inference-mode BatchNorm (fast and lean on CPU), whose gradient treats the
-    variance as a constant: right for inference, wrong for training. Training uses the same
-    arithmetic with plain ops (same parameters, same outputs)."""
-    from mindspore import ops
-
-    from models.layers import GroupNorm
-
-    class TrainableGroupNorm(GroupNorm):
-        def construct(self, x):
-            n, c = x.shape[0], x.shape[1]
-            xg = x.reshape(n, self.groups, -1)
-            d = xg - xg.mean(-1, keep_dims=True)
-            y = (d * ops.rsqrt((d * d).mean(-1, keep_dims=True) + self.eps)).reshape(x.shape)
-            return y * self.weight.reshape(1, c, 1, 1) + self.bias.reshape(1, c, 1, 1)
-
-    for _, cell in vae.cells_and_names():
-        if type(cell) is GroupNorm:
-            cell.__class__ = TrainableGroupNorm
+    """Unfreeze the VAE (models/vae.py freezes it: it is an inference module)."""
     for p in vae.get_parameters():
-        p.requires_grad = True  # models/vae.py freezes them: it is an inference module
+        p.requires_grad = True
 
 
 def build_trainer(vae, lr_schedule, kl_weight):

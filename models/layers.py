@@ -176,7 +176,8 @@ class GroupNorm(nn.Cell):
       (N, C, 1, 1)) keeps a workspace of ~4x the tensor alive for the graph's lifetime (measured:
       +130 MB per op at 128x256x256, 5.5 GB for one 256 px VAE encode). Per-(sample, channel)
       constants are applied with BiasAdd and an inference-mode BatchNorm over the (1, N*C, H*W) view,
-      which is exactly (d / sqrt(var + eps)) * gamma + beta per channel.
+      which is exactly (d / sqrt(var + eps)) * gamma + beta per channel; its backward is written out.
+    On CPU in float32 the fused kernel (`models/cpu_kernels.py`) does the same in two passes.
     """
 
     def __init__(self, num_groups, num_channels, eps=1e-6, cpu_kernels=None):
@@ -187,6 +188,7 @@ class GroupNorm(nn.Cell):
         self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
         self.fused = eps == 1e-6 and _use_kernels(cpu_kernels)  # the kernel's eps is fixed
+        self.plain = _GroupNormOps(num_groups, eps)
         if self.fused:
             self.kernel = kernels.GroupNormAct(silu=False)
             self.kernel_silu = kernels.GroupNormAct(silu=True)
@@ -200,10 +202,26 @@ class GroupNorm(nn.Cell):
     def construct(self, x):
         if self.fused and x.dtype == ms.float32:
             return self.kernel(x, self.weight, self.bias, ops.zeros((x.shape[0], self.groups), ms.float32))
-        shape, dtype = x.shape, x.dtype
+        if x.dtype != ms.float32:
+            return self.plain(x.astype(ms.float32), self.weight, self.bias).astype(x.dtype)
+        return self.plain(x, self.weight, self.bias)
+
+
+class _GroupNormOps(nn.Cell):
+    """GroupNorm from MindSpore ops (float32 x). The forward applies the statistics through an
+    inference-mode BatchNorm (see GroupNorm), whose own gradient would treat mean and variance as
+    constants; `bprop` is the exact GroupNorm gradient instead, so the layer can be trained."""
+
+    def __init__(self, groups, eps):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.mean = ops.ReduceMean(keep_dims=True)  # primitives: functional ops fail in a graph bprop
+        self.sum = ops.ReduceSum()
+        self.rsqrt = ops.Rsqrt()
+
+    def construct(self, x, gamma, beta):
+        shape = x.shape
         n, c, g = shape[0], shape[1], self.groups
-        if dtype != ms.float32:
-            x = x.astype(ms.float32)
         per_channel = x.reshape(1, n * c, -1, 1)  # 4-D: what every backend's BatchNorm accepts
         count = per_channel.shape[2] * (c // g)
         ones = ops.ones((count, 1), ms.float32)
@@ -214,10 +232,23 @@ class GroupNorm(nn.Cell):
         mean = ops.matmul(x.reshape(n * g, count), ones) / count
         d = ops.bias_add(per_channel, -to_channels(mean))
         var = ops.matmul(ops.square(d).reshape(n * g, count), ones) / count
-        y = ops.batch_norm(d, ops.zeros((n * c,), ms.float32), to_channels(var), ops.tile(self.weight, (n,)),
-                           ops.tile(self.bias, (n,)), False, 0.1, self.eps)
-        y = y.reshape(shape)
-        return y.astype(dtype) if dtype != ms.float32 else y
+        y = ops.batch_norm(d, ops.zeros((n * c,), ms.float32), to_channels(var), ops.tile(gamma, (n,)),
+                           ops.tile(beta, (n,)), False, 0.1, self.eps)
+        return y.reshape(shape)
+
+    def bprop(self, x, gamma, beta, out, dout):
+        n, c = x.shape[0], x.shape[1]
+        xg = x.reshape(n, self.groups, -1)
+        d = xg - self.mean(xg, 2)
+        rstd = self.rsqrt(self.mean(d * d, 2) + self.eps)
+        xhat = (d * rstd).reshape(n, c, -1)
+        dy = dout.reshape(n, c, -1)
+        dgamma = self.sum(dy * xhat, (0, 2))
+        dbeta = self.sum(dy, (0, 2))
+        g = (dy * gamma.reshape(1, c, 1)).reshape(n, self.groups, -1)
+        xh = xhat.reshape(n, self.groups, -1)
+        dx = rstd * (g - self.mean(g, 2) - xh * self.mean(g * xh, 2))
+        return dx.reshape(x.shape), dgamma, dbeta
 
 
 def silu(x):

@@ -166,12 +166,12 @@ def _reference_group_norm(x, groups, gamma, beta, eps=1e-6):
     return y * gamma.reshape(1, c, 1, 1) + beta.reshape(1, c, 1, 1)
 
 
-@pytest.mark.parametrize("then_silu", [False, True])
-def test_fused_group_norm_and_silu_have_the_exact_gradient(then_silu):
+@pytest.mark.parametrize("then_silu, fused", [(False, True), (True, True), (False, False), (True, False)])
+def test_group_norm_and_silu_have_the_exact_gradient(then_silu, fused):
     from models.layers import GroupNorm
 
-    norm = GroupNorm(4, 8)
-    assert norm.fused
+    norm = GroupNorm(4, 8, cpu_kernels=None if fused else False)
+    assert norm.fused == fused
     gamma, beta = rand(8, seed=1), rand(8, seed=2)
     norm.weight.set_data(gamma)
     norm.bias.set_data(beta)
