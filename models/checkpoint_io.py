@@ -205,6 +205,19 @@ def read_safetensors(path, with_metadata=False):
     return (tensors, metadata) if with_metadata else tensors
 
 
+def fsync_dir(folder):
+    """fsync a folder, so that a rename into it survives a power cut (best effort: some file
+    systems cannot open a folder for it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_safetensors(path, tensors, metadata=None):
     """Write `{name: ndarray}` atomically (temp file, fsync, rename). Metadata values must be strings.
     Tensors are written one at a time, so no second copy of the whole file is held in memory."""

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import CheckpointFormatError, UnsafeCheckpointError, read_checkpoint
+from models.checkpoint_io import CheckpointFormatError, UnsafeCheckpointError, fsync_dir, read_checkpoint
 
 METADATA_KEY = "latte_convert_metadata"  # the JSON string stored beside the tensors
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -242,17 +242,6 @@ def build_network(kind, config):
 DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
 
 
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None):
     """Write `{name: ndarray}` as a MindSpore .ckpt or a .safetensors file, atomically: a crash
     leaves either the old file or the complete new one. Consumes `state_dict` to bound memory."""
@@ -272,7 +261,7 @@ def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None):
         tensors = {name: cast(np.asarray(v)) for name, v in state_dict.items()}
         state_dict.clear()
         write_safetensors(path, tensors, {METADATA_KEY: meta})
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return
     if fmt != "ckpt" or not path.endswith(".ckpt"):
         raise ValueError(f"{path}: cannot write format {fmt!r} under this name: "
@@ -295,7 +284,7 @@ def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,

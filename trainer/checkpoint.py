@@ -28,6 +28,8 @@ import zlib
 
 import numpy as np
 
+from models.checkpoint_io import fsync_dir
+
 FORMAT = "latte-ms-train/1"
 STATE_KEY, CONFIG_KEY, NET_KEY = "latte_train_state", "latte_train_config", "latte_convert_metadata"
 NAME = re.compile(r"^step_(\d+)\.safetensors$")
@@ -52,14 +54,6 @@ def checkpoint_path(output_folder, step):
 
 def _bytes(a):
     return a.reshape(-1).view(np.uint8)  # the array's own memory, no copy
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(path, tensors, state, config, net_config=None):
@@ -93,7 +87,7 @@ def save(path, tensors, state, config, net_config=None):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def _read_header(path, f):
