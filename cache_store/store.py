@@ -358,8 +358,9 @@ class Writer:
         self.backend.append(block)
         self.current["frames"] += len(block)
 
-    def commit_entry(self, meta=None):
-        """Finish the open entry; it becomes an `ok` row at the next commit. Returns the row."""
+    def commit_entry(self, meta=None, reason=""):
+        """Finish the open entry; it becomes an `ok` row at the next commit. `reason` is a note for
+        the row (e.g. "upscaled from 160x120"). Returns the row."""
         cur = self.current
         assert cur is not None, "begin_entry first"
         if cur["frames"] == 0:
@@ -369,7 +370,7 @@ class Writer:
             raise ValueError(f"entry {cur['id']!r}: meta num_frames disagrees with the "
                              f"{cur['frames']} frames appended")
         self.backend.end()
-        row = manifest.make_row(cur["id"], "ok", self.name, meta, location=cur["location"],
+        row = manifest.make_row(cur["id"], "ok", self.name, meta, reason=reason, location=cur["location"],
                                 row_start=cur["row_start"], num_frames=cur["frames"],
                                 checksum=checksum_text(cur["hash"]),
                                 encode_seconds=time.monotonic() - cur["t0"])

@@ -376,7 +376,7 @@ class IngestJob:
                             cfg.prefetch_batches)
         t0 = time.monotonic()
         try:
-            # The writer commits on our schedule (see _maybe_commit), so an ok row's note is set first.
+            # The writer commits on our schedule (see _maybe_commit), not after every entry.
             with self.store.writer(self.shard_index, self.num_shards, commit_every=1 << 62,
                                    commit_seconds=float("inf")) as writer:
                 try:
@@ -426,13 +426,7 @@ class IngestJob:
             elif kind == "end":
                 _, _, frames, source_frames, (h, w), notes = opened
                 meta = self._meta(e, source_frames, num_frames=frames, source_size=f"{w}x{h}")
-                row = writer.commit_entry(meta)
-                if notes:
-                    # commit_entry has no reason argument: the note ("upscaled from ...", "converted from
-                    # L to RGB") goes on the writer's own row before our next commit writes it.
-                    row["reason"] = "; ".join(notes)
-                    if writer.pending == 0:  # the backend already committed the row without it
-                        writer.pending = 1
+                writer.commit_entry(meta, reason="; ".join(notes))  # e.g. "upscaled from 160x120"
                 r.saved += 1
                 r.next_index += 1
                 opened = None
