@@ -321,7 +321,6 @@ class Attention(nn.Cell):
         self.flash = enable_flash_attention
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)
         self.bmm_pv = ops.BatchMatMul()
-        self.fused = fused
         # Under recompute, MindSpore 2.10 reports a cycle in the gradient graph when both the split
         # and the merge kernel are in a recomputed block; Latte then merges with a transpose.
         self.fused_merge = fused
