@@ -62,6 +62,13 @@ def _flat_rows(x, gap, front, back):
     return flat
 
 
+def weight_matrix(weight, bias):
+    """(O, C, k, k) conv weight and (O,) bias -> the (O, k*k*C + 1) matrix that multiplies an im2col
+    matrix: column (i*k + j)*C + c, the bias last (it meets the im2col's row of ones)."""
+    o, c, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    return ops.concat([weight.transpose(0, 2, 3, 1).reshape(o, k * k * c), bias.reshape(o, 1)], 1)
+
+
 def conv_matmul(x, weight, bias, stride, padding):
     """k x k convolution of x (N, C, H, W) as one im2col + one matmul (see the module doc).
 
@@ -100,8 +107,7 @@ def conv_matmul(x, weight, bias, stride, padding):
                 taps.append(ops.narrow(grids[i % 2][j % 2], 2, (i // 2) * pitch + j // 2, ho * pitch))
     taps.append(ops.ones((n, 1, ho * pitch), x.dtype))  # multiplies the bias column
     cols = ops.concat(taps, 1)  # (N, k*k*C + 1, ho*pitch), row (i*k + j)*C + channel
-    wm = ops.concat([weight.transpose(0, 2, 3, 1).reshape(o, k * k * c), bias.reshape(o, 1)], 1)
-    y = ops.matmul(wm, cols).reshape(n, o, ho, pitch)
+    y = ops.matmul(weight_matrix(weight, bias), cols).reshape(n, o, ho, pitch)
     return ops.narrow(y, 3, 0, wo)
 
 
@@ -155,10 +161,9 @@ class Conv2d(nn.Cell):
         if self.fused:
             n, c, h, wd = x.shape
             cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))  # (N, k*k*C + 1, Ho, Wo)
-            ho, wo = cols.shape[2], cols.shape[3]
-            k, o = self.k, self.out_channels
-            wm = ops.concat([w.transpose(0, 2, 3, 1).reshape(o, k * k * c), b.reshape(o, 1)], 1)
-            return ops.matmul(wm, cols.reshape(n, k * k * c + 1, ho * wo)).reshape(n, o, ho, wo)
+            rows, ho, wo = cols.shape[1], cols.shape[2], cols.shape[3]
+            y = ops.matmul(weight_matrix(w, b), cols.reshape(n, rows, ho * wo))
+            return y.reshape(n, self.out_channels, ho, wo)
         if self.k == 1 and self.stride == 1 and self.padding == 0:
             n, c, h, wd = x.shape
             y = ops.bias_add(ops.matmul(w.reshape(self.out_channels, c), x.reshape(n, c, h * wd)), b)
