@@ -363,9 +363,12 @@ class Attention(nn.Cell):
                 attn = attn * self.scale
             attn = self.softmax(attn)  # in float32 whatever the compute dtype
             out = self.bmm_pv(attn.astype(self.dtype), v).astype(ms.float32)
-        out = out.reshape(n, s, self.num_heads, l, self.head_dim)
-        out = out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)  # (N, F, T, H, hd)
-        return self.proj(out.reshape(n, f, t, d))
+        return self.proj(self._heads_to_tokens(out, n, temporal).reshape(n, f, t, d))
+
+    def _heads_to_tokens(self, out, n, temporal):
+        """(B, H, L, hd) attention output -> (N, F, T, H, hd), undoing the q/k/v permutation."""
+        out = out.reshape(n, -1, self.num_heads, out.shape[2], self.head_dim)
+        return out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)
 
     def forward_fused(self, x, temporal=False):
         """The fused-kernel path of `construct` (CPU, float32): x (N, F, T, D) -> the output
@@ -377,11 +380,7 @@ class Attention(nn.Cell):
         shape_ref = ops.zeros((n, f, t, 1), ms.float32)  # a tiny constant that carries (N, F, T)
         q, k, v = split(qkv, self.qkv.bias, shape_ref)  # (B, H, L, hd), bias added, q pre-scaled
         out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
-        if self.fused_merge:
-            out = merge(out, shape_ref)
-        else:  # the same as a transpose (see `construct`)
-            out = out.reshape(n, -1, self.num_heads, out.shape[2], self.head_dim)
-            out = out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)
+        out = merge(out, shape_ref) if self.fused_merge else self._heads_to_tokens(out, n, temporal)
         out = out.reshape(-1, d)
         return _matmul_nt(out, self.proj.weight).reshape(n, f * t, d)
 
@@ -408,6 +407,12 @@ class Mlp(nn.Cell):
         return _matmul_nt(h, self.fc2.weight)
 
 
+def _modulated_norm(norm_modulate, fused, x, shift, scale):
+    """y of a NormModulate cell: the plain `_NormModulate` also returns what its backward reuses."""
+    out = norm_modulate(x, shift, scale)
+    return out if fused else out[0]
+
+
 class TransformerBlock(nn.Cell):
     """A Latte block with adaptive layer norm zero (adaLN-Zero) conditioning. Used for both the
     spatial and the temporal blocks: only which axis of x is attended over differs."""
@@ -424,8 +429,7 @@ class TransformerBlock(nn.Cell):
         self.gated_residual = cpu_kernels.GatedResidual() if fused else _GatedResidual()
 
     def norm(self, x, shift, scale):
-        out = self.norm_modulate(x, shift, scale)
-        return out if self.fused else out[0]  # the plain cell also returns what its backward reuses
+        return _modulated_norm(self.norm_modulate, self.fused, x, shift, scale)
 
     def construct(self, x, c, temporal=False):
         """x (N, F, T, D); c (N, D) is the condition of each sample, shared by all of its frames
@@ -464,8 +468,7 @@ class FinalLayer(nn.Cell):
         """x (N, F, T, D), c (N, D) -> (N, F, T, p*p*C_out)."""
         n, f, t, d = x.shape
         shift, scale = ops.split(self.adaLN_modulation(c).reshape(n, 1, 2 * d), d, axis=-1)
-        x = self.norm_modulate(x.reshape(n, f * t, d), shift, scale)
-        x = x if self.fused else x[0]
+        x = _modulated_norm(self.norm_modulate, self.fused, x.reshape(n, f * t, d), shift, scale)
         return self.linear(x).reshape(n, f, t, -1)
 
 
