@@ -3,6 +3,7 @@
     OUT/zarr.json                        root group; attributes["latte_cache"] = the store meta
     OUT/latents/<writer>/zarr.json       array (rows, 2, C, h, w); axis 1 is [mean, std]
     OUT/latents/<writer>/c/<s>/0/0/0/0   shard file s: rows [s*shard_frames, (s+1)*shard_frames)
+    OUT/latents/<writer>.<k>/...         generation k of the writer's array, made after damage
 
 Why this layout:
 - File count is bounded by total frames / shard_frames (1024 rows, 16 MiB at 256 px in float16),
@@ -18,6 +19,14 @@ filling in memory (committed rows included) and only ever rewrites whole shards,
 hold every committed row unchanged. Shards are fsynced before the manifest that points at them is
 replaced (see store.Writer). Rows past the last committed entry are garbage that the next run of
 the same writer overwrites: that is how a half-written entry gets redone.
+
+Damage (bytes changed after they were committed): a reopened writer reads the committed rows of its
+last shard back through the strict reader below (crc32c of index and chunks, missing chunks are
+errors), because rewriting that shard would either fail or give damaged bytes a fresh valid crc32c.
+If that read or the array metadata fails, the writer leaves the array exactly as it is (rows still
+pointing at it keep failing their checks until `latte cache verify --mark_failed` retires them) and
+goes on in a new generation `latents/<writer>.<k+1>`, always the highest one on disk. So the repair,
+`verify --mark_failed` then `ingest --retry_failed`, works whatever file the damage is in.
 
 Reads: `read` parses the shard index and chunks directly (the sharding format is four fields), about
 4x faster than going through zarr's async machinery for a 16-frame clip; it is used only when the
