@@ -7,11 +7,13 @@ real set), all figures from one run:
 (c) peak RSS of ingesting a 2,000-frame video vs a 200-frame one, each in a fresh subprocess
     (VmHWM; target ratio <= 1.2: memory does not grow with video length);
 (d) 16- and 128-frame clip reads per second from the store with one reader, against the same reads
-    from one .npy file per frame (MindONE's numpy cache layout); target: faster than that layout.
+    from one .npy file per frame (MindONE's numpy cache layout); target: faster than that layout;
+(e) the same clip reads from a MindRecord store, with its per-record crc32c checked (as every read
+    does) and unchecked, alternating in one run: what detecting corruption costs.
 
     python bench/bench_ingest.py                       # (a)/(b) with sd-vae-ft-mse's shape at 256 px
     python bench/bench_ingest.py --vae small --frames 64   # a small VAE: reading is a larger share
-    python bench/bench_ingest.py --skip ab             # only (c) and (d)
+    python bench/bench_ingest.py --skip abc            # only (d) and (e)
 
 The VAE weights are random (`allow_random_vae`): speed does not depend on their values. On a CPU the
 sd-vae-ft-mse encoder takes seconds per 256 px frame, so (a)/(b) use a few dozen frames by default.
@@ -197,6 +199,47 @@ def bench_reads(work, entries=24, frames=320, latent=(4, 32, 32), seconds=3.0):
     return out
 
 
+def bench_mindrecord_reads(work, entries=24, frames=320, latent=(4, 32, 32), seconds=2.0, rounds=5):
+    """(e): MindRecord clip reads with the per-record crc32c checked and not (its column not even
+    read: what reads cost before records had one), in alternating rounds so that both see the same
+    machine load; the best round of each is reported."""
+    import cache_store
+
+    rng = np.random.default_rng(0)
+    store = cache_store.create_or_open(work / "read_cache_mr", {"latent_shape": list(latent), "dtype": "float16"},
+                                       format="mindrecord")
+    with store.writer() as w:
+        for e in range(entries):
+            block = rng.standard_normal((frames, 2, *latent)).astype(np.float16)
+            w.write_entry(f"video_{e}", block[:, 0], block[:, 1])
+    store = cache_store.open(work / "read_cache_mr")
+    out = {"rounds": rounds}
+    for n in (16, 128):
+        for _ in range(rounds):
+            for name, check in (("checked", True), ("unchecked", False)):
+                store._reader.check_crc = check
+                pick = np.random.default_rng(n)
+                count, t0 = 0, time.perf_counter()
+                while time.perf_counter() - t0 < seconds:
+                    store.read_clip(f"video_{int(pick.integers(entries))}", int(pick.integers(frames - n)), n)
+                    count += 1
+                key = f"{name}_{n}"
+                out[key] = max(out.get(key, 0.0), count / (time.perf_counter() - t0))
+    store._reader.check_crc = True
+    # The check alone, without the dataset pipeline around it: a steadier figure on a busy machine.
+    from cache_store.mindrecord_backend import segment_crc
+
+    seg = store.layout["segment_frames"]
+    record = rng.standard_normal((seg, *latent)).astype(np.float16).tobytes()
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        segment_crc("video_0", 0, 0, seg, record, record)
+        count += 1
+    out["crc_gbps"] = count * 2 * len(record) / (time.perf_counter() - t0) / 1e9
+    out["segment_bytes"] = 2 * len(record)
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 
 def main():
@@ -241,6 +284,15 @@ def main():
                 print(f"(d) {n}-frame clip reads/s, one reader, float16 (2,4,32,32) per frame, warm page cache: "
                       f"store {r[f'store_{n}']:.1f}, one .npy per frame {r[f'npy_per_frame_{n}']:.1f} "
                       f"({r[f'store_{n}'] / r[f'npy_per_frame_{n}']:.1f}x)")
+        if "e" not in args.skip:
+            r = bench_mindrecord_reads(work)
+            for n in (16, 128):
+                checked, unchecked = r[f"checked_{n}"], r[f"unchecked_{n}"]
+                print(f"(e) {n}-frame MindRecord clip reads/s, same entries as (d), best of {r['rounds']} "
+                      f"alternating rounds: crc32c checked {checked:.1f}, unchecked {unchecked:.1f} "
+                      f"(checking costs {100 * (1 - checked / unchecked):.1f}%)")
+            print(f"(e) crc32c alone: {r['crc_gbps']:.2f} GB/s, {r['segment_bytes'] / r['crc_gbps'] / 1e3:.1f} us "
+                  f"per {r['segment_bytes'] >> 10} KiB segment record")
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -33,9 +33,11 @@ uncommitted batch; a rerun redoes it. K writers (`shard_index` 0..K-1, any machi
 folder) write one store concurrently; how entries are split among them is the caller's choice.
 
 On disk: `zarr.json` (zarr root group, settings in attribute "latte_cache") or `cache.json`,
-`latents/<writer>/` (zarr) or `mindrecord/<writer>-<n>.mindrecord` files, and
+`latents/<writer>[.<k>]/` (zarr) or `mindrecord/<writer>-<n>.mindrecord` files, and
 `manifest/part-<writer>.parquet`. See store.py for the crash-safety argument, zarr_backend.py and
-mindrecord_backend.py for the layouts. `cache_store.cli.main(argv)` is `latte cache info|verify`.
+mindrecord_backend.py for the layouts. Reads check a crc32c per zarr chunk / MindRecord record and
+raise CorruptEntryError naming the entry and file; `verify` checks each ok entry's sha256.
+`cache_store.cli.main(argv)` is `latte cache info|verify`.
 """
 from .manifest import SCHEMA, STATUSES, CorruptEntryError
 from .store import FORMATS, Store, Writer, create_or_open, normalize_settings

@@ -5,8 +5,15 @@
 
 One record is one segment of one entry: `entry_id`, `segment` (0, 1, ... within the entry),
 `start` (its first frame within the entry), `frames` (<= segment_frames), `mean`, `std` (the bytes
-of (frames, C, h, w) arrays in the store dtype). Any video length fits: it is just more segments,
-and a record is sized so pages hold whole records with no slack.
+of (frames, C, h, w) arrays in the store dtype) and `crc32c` (of all the other fields, see
+`segment_crc`). Any video length fits: it is just more segments, and a record is sized so pages
+hold whole records with no slack.
+
+Why a checksum per record: MindRecord stores no checksum of its own, so a flipped bit would read
+back as other latents. The manifest's sha256 covers a whole entry, which a clip read does not
+read; the record's crc32c covers exactly what a read touches, and every read checks it, as the
+zarr chunks' crc32c are. Stores made before it (no "segment_checksum" in their layout) read
+unchecked; `latte cache verify` still checks their sha256.
 
 Why a new file per commit batch: a committed MindRecord file can only be appended in place
 (`FileWriter.open_for_append`), which a crash could tear, and its name cannot change after writing
@@ -25,6 +32,7 @@ entry that failed half way leaves orphan segments in its batch file).
 """
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 
 from .manifest import CorruptEntryError, fsync_dir, fsync_file
@@ -32,10 +40,19 @@ from .manifest import CorruptEntryError, fsync_dir, fsync_file
 MINDRECORD_DIR = "mindrecord"
 SCHEMA = {"entry_id": {"type": "string"}, "segment": {"type": "int32"}, "start": {"type": "int64"},
           "frames": {"type": "int32"}, "mean": {"type": "bytes"}, "std": {"type": "bytes"}}
+SCHEMA_CRC = {**SCHEMA, "crc32c": {"type": "int64"}}
 COLUMNS = list(SCHEMA)
+COLUMNS_CRC = list(SCHEMA_CRC)
+SEGMENT_CHECKSUM = "crc32c"  # layout["segment_checksum"] of stores whose records carry one
 HEADER_BYTES = 1 << 20        # holds the page table: ~250 bytes a page, so ~4000 pages
 SOFT_PAGES, HARD_PAGES = 1000, 2500
 MIN_PAGE, MAX_PAGE = 32 << 10, 256 << 20
+
+
+def segment_crc(entry_id, segment, start, frames, mean, std):
+    """crc32c of one record's fields: its place (entry, segment, first frame, frames) and bytes."""
+    crc = google_crc32c.value(f"{entry_id}\0{segment}\0{start}\0{frames}\0".encode())
+    return google_crc32c.extend(google_crc32c.extend(crc, mean), std)
 
 
 def page_layout(meta):
@@ -62,6 +79,7 @@ class MindRecordWriter:
         self.name = name
         self.seg = meta["layout"]["segment_frames"]
         self.page_size, self.per_page = page_layout(meta)
+        self.checked = meta["layout"].get("segment_checksum") == SEGMENT_CHECKSUM
         referenced = {r["location"] for r in committed_rows.values() if r["status"] == "ok"}
         seqs = [-1]
         for p in self.folder.glob(f"{name}-*.mindrecord*"):
@@ -79,7 +97,7 @@ class MindRecordWriter:
         self.path = self.folder / f"{self.name}-{self.seq:06d}.mindrecord"
         self.seq += 1
         self.fw = FileWriter(str(self.path), shard_num=1, overwrite=True)
-        self.fw.add_schema(SCHEMA, "latte_latent_segments")
+        self.fw.add_schema(SCHEMA_CRC if self.checked else SCHEMA, "latte_latent_segments")
         self.fw.add_index(["entry_id", "segment"])
         self.fw.set_page_size(self.page_size)
         self.fw.set_header_size(HEADER_BYTES)
@@ -96,10 +114,12 @@ class MindRecordWriter:
         if self.records >= HARD_PAGES * self.per_page:
             raise ValueError(f"entry {self.entry_id!r} needs more than {HARD_PAGES} pages in one "
                              f"MindRecord file; raise page_bytes or segment_frames for this store")
-        self.fw.write_raw_data([{
-            "entry_id": self.entry_id, "segment": self.segment, "start": self.frame,
-            "frames": len(block), "mean": np.ascontiguousarray(block[:, 0]).tobytes(),
-            "std": np.ascontiguousarray(block[:, 1]).tobytes()}])
+        record = {"entry_id": self.entry_id, "segment": self.segment, "start": self.frame,
+                  "frames": len(block), "mean": np.ascontiguousarray(block[:, 0]).tobytes(),
+                  "std": np.ascontiguousarray(block[:, 1]).tobytes()}
+        if self.checked:
+            record["crc32c"] = segment_crc(**record)
+        self.fw.write_raw_data([record])
         self.records += 1
         self.segment += 1
         self.frame += len(block)
@@ -144,6 +164,9 @@ class MindRecordReader:
         self.seg = meta["layout"]["segment_frames"]
         self.frame_shape = tuple(meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
+        self.checked = meta["layout"].get("segment_checksum") == SEGMENT_CHECKSUM
+        # bench/bench_ingest.py turns it off (the column is then not even read) to measure the cost
+        self.check_crc = True
 
     def records(self, location, entry_id, row_start, segments):
         """The given segments of an entry -> {segment: (frames, 2, C, h, w) array}."""
@@ -153,7 +176,9 @@ class MindRecordReader:
         if not path.exists():
             raise CorruptEntryError(f"{path}: MindRecord file missing")
         try:
-            data = ds.MindDataset([str(path)], columns_list=COLUMNS, num_parallel_workers=1,
+            check = self.checked and self.check_crc
+            data = ds.MindDataset([str(path)], columns_list=COLUMNS_CRC if check else COLUMNS,
+                                  num_parallel_workers=1,
                                   sampler=ds.SubsetSampler([row_start + int(s) for s in segments]))
             rows = list(data.create_dict_iterator(output_numpy=True, num_epochs=1))
         except Exception as e:  # noqa: BLE001 - the dataset engine raises RuntimeError for anything
@@ -167,6 +192,10 @@ class MindRecordReader:
                                         f"{str(r['entry_id'])!r} frame {int(r['start'])}")
             # tobytes(), not item(): numpy's bytes scalars drop trailing zero bytes.
             mean, std = r["mean"].tobytes(), r["std"].tobytes()
+            if check and segment_crc(
+                    str(r["entry_id"]), seg, int(r["start"]), n, mean, std) != int(r["crc32c"]):
+                raise CorruptEntryError(f"{path}: record {row_start + seg} (segment {seg} of "
+                                        f"{entry_id!r}) fails its crc32c")
             size = n * int(np.prod(self.frame_shape)) * self.dtype.itemsize
             if len(mean) != size or len(std) != size:
                 raise CorruptEntryError(f"{path}: segment {seg} of {entry_id!r} has {len(mean)} "

@@ -25,7 +25,7 @@ from zarr.storage import LocalStore
 
 from . import manifest
 from .manifest import CorruptEntryError, checksum_text, new_checksum
-from .mindrecord_backend import MindRecordReader, MindRecordWriter
+from .mindrecord_backend import SEGMENT_CHECKSUM, MindRecordReader, MindRecordWriter
 from .zarr_backend import ZarrReader, ZarrWriter
 
 FORMATS = ("zarr", "mindrecord")
@@ -124,7 +124,8 @@ def create_or_open(path, settings, format="zarr", *, chunk_frames=16, shard_fram
                              f"segment_frames={segment_frames}: need shard_frames a multiple of "
                              f"chunk_frames, all positive")
         layout = ({"chunk_frames": chunk_frames, "shard_frames": shard_frames} if format == "zarr"
-                  else {"segment_frames": segment_frames, "page_bytes": page_bytes})
+                  else {"segment_frames": segment_frames, "page_bytes": page_bytes,
+                        "segment_checksum": SEGMENT_CHECKSUM})
         meta = {"format": format, "format_version": FORMAT_VERSION, "settings": settings,
                 "layout": layout}
         if format == "mindrecord":
@@ -221,18 +222,26 @@ class Store:
         """A Writer for shard `shard_index` of `num_shards` (use it as a context manager)."""
         return Writer(self, shard_index, num_shards, commit_every, commit_seconds, name)
 
+    def check_writer_free(self, shard_index=0, num_shards=1):
+        """Raise the writer's one-line ValueError now if another process is writing that shard, so
+        a caller can refuse before expensive set-up (the writer itself still takes the lock)."""
+        os.close(_lock_writer(self.path, writer_name(shard_index, num_shards)))
+
     def info(self):
         rows = list(self.rows().values())
         ok = [r for r in rows if r["status"] == "ok"]
         frames = sum(r["num_frames"] for r in ok)
-        disk = sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+        stats = [p.stat() for p in self.path.rglob("*") if p.is_file()]
         return {
             "path": str(self.path), "format": self.format, "format_version": self.meta["format_version"],
             "settings": self.settings, "layout": self.layout, "entries": len(rows),
             "by_status": {s: sum(r["status"] == s for r in rows) for s in manifest.STATUSES},
             "frames": frames,
             "latent_bytes": frames * 2 * int(np.prod(self.latent_shape)) * self.dtype.itemsize,
-            "disk_bytes": disk,
+            # MindRecord sizes its files for whole pages up front (sparse where the filesystem
+            # allows): the files' sizes can be far above what they take on disk.
+            "file_bytes": sum(st.st_size for st in stats),
+            "disk_bytes": sum(st.st_blocks * 512 for st in stats),
             "not_ok": sorted((r["id"], r["status"], r["reason"]) for r in rows if r["status"] != "ok"),
         }
 
@@ -280,6 +289,25 @@ class Store:
 # Writing
 # ----------------------------------------------------------------------------------------------
 
+def writer_name(shard_index, num_shards):
+    return f"{shard_index:05d}-of-{num_shards:05d}"
+
+
+def _lock_writer(root, name):
+    """An fd holding the exclusive lock of writer `name` (the kernel drops it if we die), or a
+    ValueError if another process holds it."""
+    folder = Path(root) / manifest.MANIFEST_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / f".lock-{name}", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(f"{root}: another process is writing shard {name}; wait for it to finish "
+                         f"or use another --shard_index") from None
+    return fd
+
+
 class Writer:
     """Writes entries for one shard; see the module docstring for the commit protocol."""
 
@@ -289,17 +317,9 @@ class Writer:
             raise ValueError(f"shard_index {shard_index} / num_shards {num_shards}: need "
                              f"0 <= shard_index < num_shards")
         self.store = store
-        self.name = name or f"{shard_index:05d}-of-{num_shards:05d}"
+        self.name = name or writer_name(shard_index, num_shards)
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
-        folder = store.path / manifest.MANIFEST_DIR
-        folder.mkdir(parents=True, exist_ok=True)
-        self._lock = os.open(folder / f".lock-{self.name}", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it if we die
-        except BlockingIOError:
-            os.close(self._lock)
-            raise ValueError(f"{store.path}: another process is writing shard {self.name}; wait "
-                             f"for it to finish or use another --shard_index") from None
+        self._lock = _lock_writer(store.path, self.name)
         manifest.remove_stale_temps(store.path, self.name)
         self.rows = manifest.read_rows(store.path, writer=self.name)  # this writer's part only
         self._backend = None  # created on the first entry, so failure-only writers create nothing

@@ -3,6 +3,7 @@
     OUT/zarr.json                        root group; attributes["latte_cache"] = the store meta
     OUT/latents/<writer>/zarr.json       array (rows, 2, C, h, w); axis 1 is [mean, std]
     OUT/latents/<writer>/c/<s>/0/0/0/0   shard file s: rows [s*shard_frames, (s+1)*shard_frames)
+    OUT/latents/<writer>.<k>/...         generation k of the writer's array, made after damage
 
 Why this layout:
 - File count is bounded by total frames / shard_frames (1024 rows, 16 MiB at 256 px in float16),
@@ -19,12 +20,22 @@ hold every committed row unchanged. Shards are fsynced before the manifest that 
 replaced (see store.Writer). Rows past the last committed entry are garbage that the next run of
 the same writer overwrites: that is how a half-written entry gets redone.
 
+Damage (bytes changed after they were committed): a reopened writer reads the committed rows of its
+last shard back through the strict reader below (crc32c of index and chunks, missing chunks are
+errors), because rewriting that shard would either fail or give damaged bytes a fresh valid crc32c.
+If that read or the array metadata fails, the writer leaves the array exactly as it is (rows still
+pointing at it keep failing their checks until `latte cache verify --mark_failed` retires them) and
+goes on in a new generation `latents/<writer>.<k+1>`, always the highest one on disk. So the repair,
+`verify --mark_failed` then `ingest --retry_failed`, works whatever file the damage is in.
+
 Reads: `read` parses the shard index and chunks directly (the sharding format is four fields), about
 4x faster than going through zarr's async machinery for a 16-frame clip; it is used only when the
 array metadata is exactly the layout written here. `read_reference` reads through zarr and is what
 `verify` uses, so the two paths check each other.
 """
 import json
+import re
+import sys
 from pathlib import Path
 
 import google_crc32c  # zarr's own crc32c dependency
@@ -43,30 +54,70 @@ def _shard_key(s):
     return f"c/{s}/0/0/0/0"  # default chunk key encoding, rank 5, shard s along rows
 
 
+def _location(name, k):
+    """The array of writer `name`, generation k: `latents/<name>`, then `latents/<name>.<k>`."""
+    return f"{LATENTS_DIR}/{name}" + (f".{k}" if k else "")
+
+
+def _generations(root, name):
+    """The generations of writer `name`'s array that exist on disk, sorted."""
+    pattern = re.compile(re.escape(name) + r"(?:\.(\d+))?")
+    found = [m.group(1) for p in (Path(root) / LATENTS_DIR).glob(f"{name}*")
+             if (m := pattern.fullmatch(p.name))]
+    return sorted(int(g or 0) for g in found)
+
+
 class ZarrWriter:
-    """Appends the entries of one writer to `latents/<name>`; see the module docstring."""
+    """Appends the entries of one writer to `latents/<name>[.<k>]`; see the module docstring."""
 
     def __init__(self, root, meta, name, committed_rows):
         self.root = Path(root)
-        self.location = f"{LATENTS_DIR}/{name}"
+        self.meta = meta
         self.S = meta["layout"]["shard_frames"]
         self.frame_shape = (2, *meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
+        generations = _generations(self.root, name)
+        k = generations[-1] if generations else 0
+        self.location = _location(name, k)
         self.tail = max((r["row_start"] + r["num_frames"] for r in committed_rows.values()
                          if r["status"] == "ok" and r["location"] == self.location), default=0)
+        try:
+            self._open_checked()
+        except CorruptEntryError as damage:
+            # Never append into damaged files: rewriting the shard would give its damaged bytes a
+            # fresh valid checksum (or fail, as zarr's own read does). The damaged array stays as
+            # it is, for the rows still pointing at it; this writer goes on in a new one.
+            self.location, self.tail = _location(name, k + 1), 0
+            print(f"latte cache: note: {damage}; left as it is, writing on in "
+                  f"{self.root / self.location} (`latte cache verify {self.root} --mark_failed` "
+                  f"then `latte ingest ... --retry_failed` repairs damaged entries)", file=sys.stderr)
+            self._open_checked()
+
+    def _open_checked(self):
+        """Open (or create) the array at self.location and load its last shard, reading the
+        committed rows back strictly; any damage on the way is a CorruptEntryError."""
         folder = self.root / self.location
         for p in folder.rglob("*.partial"):  # temp files of a write that was killed
             p.unlink(missing_ok=True)
         if (folder / "zarr.json").exists():
-            self.array = zarr.open_array(LocalStore(self.root), path=self.location, mode="r+")
+            try:
+                self.array = zarr.open_array(LocalStore(self.root), path=self.location, mode="r+")
+                ok = (self.array.shape[1:] == self.frame_shape and self.array.dtype == self.dtype
+                      and self.array.shards == (self.S, *self.frame_shape)
+                      and self.array.chunks == (self.meta["layout"]["chunk_frames"], *self.frame_shape))
+            except Exception as e:  # noqa: BLE001 - zarr raises many kinds on a damaged zarr.json
+                raise CorruptEntryError(f"{folder / 'zarr.json'}: array metadata unreadable "
+                                        f"({type(e).__name__})") from e
+            if not ok:
+                raise CorruptEntryError(f"{folder / 'zarr.json'}: array metadata differs from the "
+                                        f"store's layout")
         else:
-            fs, cf = self.frame_shape, meta["layout"]["chunk_frames"]
+            fs, cf = self.frame_shape, self.meta["layout"]["chunk_frames"]
             self.array = zarr.create_array(
                 LocalStore(self.root), name=self.location, shape=(0, *fs), dtype=self.dtype,
                 chunks=(cf, *fs), shards=(self.S, *fs), serializer=BytesCodec(),
                 compressors=[Crc32cCodec()],  # latents barely compress; a checksum is worth more
                 fill_value=0, config={"write_empty_chunks": True})
-        assert self.array.shape[1:] == self.frame_shape and self.array.dtype == self.dtype
         self._load(self.tail // self.S)
 
     def _load(self, shard):
@@ -75,7 +126,10 @@ class ZarrWriter:
         self.buf = np.zeros((self.S, *self.frame_shape), self.dtype)
         n = self.tail - shard * self.S
         if n > 0:
-            self.buf[:n] = self.array[shard * self.S: self.tail]
+            # The same strict reader as read_clip: crc32c of the index and of every chunk, and a
+            # missing file or chunk is an error (zarr itself would hand back zeros for those).
+            self.buf[:n] = ZarrReader(self.root, self.meta).read(self.location,
+                                                                 np.arange(shard * self.S, self.tail))
         self.dirty = False
 
     def _write_shard(self):
@@ -172,7 +226,7 @@ class ZarrReader:
             try:
                 return a.get_orthogonal_selection((np.asarray(rows),))
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
-                raise CorruptEntryError(f"{self.root / location}: {type(e).__name__}: {e}") from e
+                raise CorruptEntryError(f"{self.root / location}: {_zarr_error(e)}") from e
         S, cf = layout
         per_shard = S // cf
         out = np.empty((len(rows), *self.frame_shape), self.dtype)
@@ -207,19 +261,32 @@ class ZarrReader:
         return a
 
     def read_reference(self, location, r0, r1):
-        """Rows [r0, r1) through zarr itself (used by verify)."""
+        """Rows [r0, r1) through zarr itself (used by verify), one shard file at a time so that a
+        failure names the file."""
         a = self._open(location, r1)
         per_file = (a.shards or a.chunks)[0]
-        for s in range(r0 // per_file, (r1 - 1) // per_file + 1):
-            if not (self.root / location / _shard_key(s)).exists():  # zarr would return zeros
-                raise CorruptEntryError(f"{self.root / location / _shard_key(s)}: shard file missing")
         if r1 > a.shape[0]:
             raise CorruptEntryError(f"{self.root / location}: rows {r0}..{r1} are past the array "
                                     f"end {a.shape[0]}")
-        try:
-            return a[r0:r1]
-        except Exception as e:  # noqa: BLE001
-            raise CorruptEntryError(f"{self.root / location}: {type(e).__name__}: {e}") from e
+        parts = []
+        for s in range(r0 // per_file, (r1 - 1) // per_file + 1):
+            path = self.root / location / _shard_key(s)
+            if not path.exists():  # zarr would return zeros
+                raise CorruptEntryError(f"{path}: shard file missing")
+            lo, hi = max(r0, s * per_file), min(r1, (s + 1) * per_file)
+            try:
+                parts.append(a[lo:hi])
+            except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
+                raise CorruptEntryError(f"{path}: rows {lo}..{hi - 1} unreadable ({_zarr_error(e)})") from e
+        return np.concatenate(parts)
+
+
+def _zarr_error(e):
+    """What a zarr exception says, without the raw checksum bytes of its crc32c message."""
+    if "checksum" in str(e):
+        return "a chunk or the shard index fails its crc32c"
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _read_index(f, per_shard, path):

@@ -493,7 +493,8 @@ def prepare(cfg, setup_device=False, environ=None):
     _check_cache_folder(cache)
     layout = {"chunk_frames": cfg.chunk_frames, "shard_frames": cfg.shard_frames, "segment_frames": cfg.segment_frames}
     if (cache / ZARR_META).exists() or (cache / MINDRECORD_META).exists():
-        cache_store.create_or_open(cache, settings, format=cfg.format, **layout)  # settings match? (creates nothing)
+        existing = cache_store.create_or_open(cache, settings, format=cfg.format, **layout)  # settings match?
+        existing.check_writer_free(shard_index, num_shards)  # another live process on this shard?
     if setup_device:
         from models.runtime import setup_device as setup
 
@@ -566,6 +567,9 @@ def main(argv=None):
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         job.run()
+    except ValueError as err:  # another process took this shard between prepare()'s check and now
+        print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
+        return 2
     except OSError as err:  # e.g. the disk filled up mid-run: finished entries are committed
         print(f"latte ingest: error: {_first_line(err)}; rerun the same command to go on", file=sys.stderr)
         return 1

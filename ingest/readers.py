@@ -17,7 +17,12 @@ palette images are expanded, 16-bit grayscale is rounded to `v / 257` (65535 →
 16-bit RGB PNGs come out of Pillow already reduced to their high byte (`v >> 8`, at most one level
 from `v / 257`), since Pillow has no 48-bit mode.
 """
+import contextlib
 import os
+import re
+import sys
+import tempfile
+import threading
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -37,6 +42,40 @@ try:
     decord.logging.set_level(decord.logging.QUIET)
 except ImportError:  # frames-only use works without decord; opening a video says what is missing
     decord = None
+
+# decord's C++ side logs "[12:00:00] /.../video_reader.cc:83: ERROR opening: <path>, <why>" straight to
+# file descriptor 2, whatever the level set above; the same reason reaches the user as the entry's
+# EntryError, so those lines are dropped (see _without_decord_logs).
+_DECORD_LOG = re.compile(rb"^\[[0-9:]+\] \S+\.cc:\d+: ")
+_FD2_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_decord_logs():
+    """Run the body with fd 2 captured, then pass on every captured line except decord's log lines.
+    Other threads' output written meanwhile (progress bars) comes out a moment late, not lost."""
+    with _FD2_LOCK:
+        try:
+            sys.stderr.flush()
+        except (AttributeError, ValueError):
+            pass
+        saved = os.dup(2)
+        with tempfile.TemporaryFile() as captured:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+            finally:
+                try:
+                    sys.stderr.flush()
+                except (AttributeError, ValueError):
+                    pass
+                os.dup2(saved, 2)
+                os.close(saved)
+                captured.seek(0)
+                kept = [line for line in captured.read().splitlines(keepends=True)
+                        if not _DECORD_LOG.match(line)]
+                if kept:
+                    os.write(2, b"".join(kept))
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -122,7 +161,8 @@ class VideoFileReader:
             raise EntryError("cannot read videos: the decord package is not installed (pip install decord)")
         self.entry = entry
         try:
-            self._vr = decord.VideoReader(entry.path, ctx=decord.cpu(0), num_threads=num_threads)
+            with _without_decord_logs():
+                self._vr = decord.VideoReader(entry.path, ctx=decord.cpu(0), num_threads=num_threads)
             self.num_frames = len(self._vr)
             if self.num_frames == 0:
                 raise EntryError("the video has no frames")

@@ -461,3 +461,171 @@ def test_verify_detects_a_corrupted_chunk_and_exits_nonzero(tmp_path, capsys, fm
     rows = {r["id"]: r for r in cache_store.open(out).entries().to_pylist()}
     assert rows["b"]["status"] == "failed" and rows["b"]["reason"].startswith("verify:")
     assert cli.main(["verify", str(out)]) == 0  # what remains ok is intact
+
+
+# ----------------------------------------------------------------------------------------------
+# Repair: verify --mark_failed, then rewriting the failed entries (what ingest --retry_failed does)
+# ----------------------------------------------------------------------------------------------
+
+def sha256_bytes(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def retry_failed(out, data):
+    """What `latte ingest --retry_failed` does to the store: rewrite every failed entry."""
+    store = cache_store.open(out)
+    failed = sorted(i for i, r in store.rows().items() if r["status"] == "failed")
+    with store.writer() as w:
+        for entry_id in failed:
+            w.write_entry(entry_id, *data[entry_id], {"source": f"/frames/{entry_id}", "kind": "frames"})
+    return failed
+
+
+# e0..e5 hold 5, 12, 19, 26, 33, 40 frames: rows 0..134 of 64-row shards, so shards 0 and 1 are
+# full and shard 2 (rows 128..134) is the partly filled one the writer reopens.
+DAMAGE = {  # where -> (file under the array, byte offset from its start (>= 0) or end (< 0), victims)
+    "last_shard_chunk": ("c/2/0/0/0/0", 100, ["e5"]),
+    "last_shard_index": ("c/2/0/0/0/0", -10, ["e5"]),
+    "full_shard_chunk": ("c/0/0/0/0/0", 1000, ["e0", "e1"]),  # rows 0..15, one chunk of two entries
+    "array_metadata": ("zarr.json", 0, [f"e{i}" for i in range(6)]),  # every entry of the array
+}
+
+
+@pytest.mark.parametrize("where", sorted(DAMAGE))
+def test_repair_reencodes_a_damaged_entry_whatever_zarr_file_the_damage_is_in(tmp_path, capsys, where):
+    out = tmp_path / "c"
+    store = make(out)
+    data = {f"e{i}": latents(i) for i in range(6)}
+    with store.writer() as w:
+        for k, (m, s) in data.items():
+            w.write_entry(k, m, s, {"source": f"/frames/{k}", "kind": "frames"})
+    name, offset, victims = DAMAGE[where]
+    damaged = out / store.entry("e0")["location"] / name
+    raw = bytearray(damaged.read_bytes())
+    raw[offset] ^= 0x10  # one bit
+    damaged.write_bytes(bytes(raw))
+    damaged_sha = sha256_bytes(damaged)
+
+    assert cli.main(["verify", str(out), "--mark_failed"]) == 1
+    printed = capsys.readouterr().out
+    assert [line.split(":")[0] for line in printed.splitlines() if line.startswith("CORRUPT")] == \
+        [f"CORRUPT {v}" for v in victims]
+    assert retry_failed(out, data) == victims
+    capsys.readouterr()
+    assert cli.main(["verify", str(out)]) == 0, capsys.readouterr().out
+    store = cache_store.open(out)
+    for k, (m, s) in data.items():
+        np.testing.assert_array_equal(store.read_entry(k)[0], as_stored(m, "float16"))
+        np.testing.assert_array_equal(store.read_entry(k)[1], as_stored(s, "float16"))
+    # the damaged bytes were neither read into a new shard nor rewritten with a fresh crc32c
+    assert sha256_bytes(damaged) == damaged_sha
+    # and a later run of the writer goes on appending without tripping over them
+    with store.writer() as w:
+        w.write_entry("later", *latents(7))
+    assert cache_store.open(out).verify() == []
+
+
+def test_mindrecord_repair_reencodes_a_damaged_entry(tmp_path, capsys):
+    out = tmp_path / "c"
+    store = make(out, "mindrecord")
+    data = {f"e{i}": latents(i) for i in range(4)}
+    with store.writer() as w:
+        for k, (m, s) in data.items():
+            w.write_entry(k, m, s)
+    path = out / store.entry("e2")["location"]
+    flip_bytes(path, path.read_bytes().index(data["e2"][1][:4].astype(np.float16).tobytes()) + 3)
+    assert cli.main(["verify", str(out), "--mark_failed"]) == 1
+    assert retry_failed(out, data) == ["e2"]
+    capsys.readouterr()
+    assert cli.main(["verify", str(out)]) == 0, capsys.readouterr().out
+    np.testing.assert_array_equal(cache_store.open(out).read_entry("e2")[1], as_stored(data["e2"][1], "float16"))
+
+
+def test_mindrecord_clip_read_detects_a_flipped_bit_and_names_the_entry(tmp_path):
+    out = tmp_path / "c"
+    store = make(out, "mindrecord")
+    with store.writer() as w:
+        w.write_entry("a", *latents(1, n=40))
+        w.write_entry("b", *latents(2, n=40))
+    path = out / store.entry("b")["location"]
+    mean_b = latents(2, n=40)[0].astype(np.float16)
+    raw = bytearray(path.read_bytes())
+    raw[raw.index(mean_b[16:32].tobytes()) + 77] ^= 0x01  # one bit of segment 1 (frames 16..31)
+    path.write_bytes(bytes(raw))
+    store = cache_store.open(out)
+    np.testing.assert_array_equal(store.read_clip("b", 0, 16)[0], mean_b[:16].astype(np.float32))  # other segment
+    with pytest.raises(CorruptEntryError, match=r"entry 'b': .*\.mindrecord: record \d+ \(segment 1 of 'b'\) "
+                                                r"fails its crc32c"):
+        store.read_clip("b", 10, 16)
+    assert [p[0] for p in store.verify()] == ["b"]
+
+
+def test_zarr_corruption_message_names_the_entry_and_the_shard_file(tmp_path, capsys):
+    out = tmp_path / "c"
+    store = make(out)
+    with store.writer() as w:
+        w.write_entry("a", *latents(1, n=30))
+    shard = out / store.entry("a")["location"] / "c/0/0/0/0/0"
+    flip_bytes(shard, 100)
+    assert cli.main(["verify", str(out)]) == 1
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line.startswith(f"CORRUPT a: {shard}: rows 0..29 unreadable (a chunk or the shard index fails its crc32c")
+    assert "Stored" not in line and "b'" not in line
+    store._reader.use_fast_path = False  # the zarr path of read_clip says the same
+    with pytest.raises(CorruptEntryError) as err:
+        store.read_clip("a", 0, 4)
+    assert "entry 'a'" in str(err.value) and "fails its crc32c" in str(err.value) and "b'" not in str(err.value)
+
+
+def test_rows_marked_failed_by_verify_keep_source_kind_and_frames(tmp_path, capsys):
+    out = tmp_path / "c"
+    store = make(out)
+    with store.writer() as w:
+        w.write_entry("a", *latents(1, n=30), {"source": "/videos/a.mp4", "kind": "video", "source_bytes": 999,
+                                               "fps": 25})
+    flip_bytes(out / store.entry("a")["location"] / "c/0/0/0/0/0", 100)
+    assert cli.main(["verify", str(out), "--mark_failed"]) == 1
+    row = cache_store.open(out).rows()["a"]
+    assert row["status"] == "failed" and row["reason"].startswith("verify:")
+    assert (row["source"], row["kind"], row["num_frames"], row["source_bytes"]) == ("/videos/a.mp4", "video", 30, 999)
+    assert '"fps": 25' in row["extra"]
+
+
+@pytest.mark.parametrize("fmt", ["zarr", "mindrecord"])
+def test_info_reports_bytes_on_disk_and_file_sizes_apart(tmp_path, capsys, fmt):
+    out = tmp_path / "c"
+    store = make(out, fmt)
+    with store.writer() as w:
+        w.write_entry("a", *latents(1, n=30))
+    info = cache_store.open(out).info()
+    stats = [p.stat() for p in out.rglob("*") if p.is_file()]
+    assert info["file_bytes"] == sum(st.st_size for st in stats)
+    assert info["disk_bytes"] == sum(st.st_blocks * 512 for st in stats)
+    assert info["latent_bytes"] == 30 * 2 * 64 * 2
+    assert cli.main(["info", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "frames:   30 in ok entries, 7.5 KiB of latents\n" in printed
+    assert "used on disk" in printed and "of file sizes" in printed
+    assert ("MindRecord preallocates" in printed) == (fmt == "mindrecord")
+
+
+def test_info_piped_into_head_ends_without_a_traceback(tmp_path):
+    out = tmp_path / "c"
+    store = make(out)
+    with store.writer() as w:
+        for i in range(300):  # many failure lines: more than a pipe buffer holds
+            w.record_failure(f"entry_{i:04d}", "failed", "x" * 300)
+    proc = subprocess.run(f"{sys.executable} -m latte_cli cache info {out} | head -n 2", shell=True, cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert proc.stdout.count("\n") == 2 and proc.stdout.startswith(f"{out}: zarr latent cache")
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+def test_cache_help_names_the_cache_folder_option(capsys):
+    for command in ("info", "verify"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--cache_folder" in text and "--out" not in text, text

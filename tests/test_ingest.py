@@ -423,3 +423,65 @@ def test_two_shard_processes_write_what_one_process_writes(sky, reference, tmp_p
     store = cache_store.open(cache)
     assert {r["writer"] for r in store.rows().values()} == {"00000-of-00002", "00001-of-00002"}
     assert snapshot(cache) == reference[1]
+
+
+# ---------------------------------------------------------------- damage, locks, noisy decoders
+
+
+def test_verify_mark_failed_then_retry_failed_repairs_damage_in_the_last_partly_filled_shard(sky, reference,
+                                                                                           tmp_path, capsys):
+    from cache_store import cli
+
+    cache = tmp_path / "cache"
+    shutil.copytree(reference[0], cache)
+    store = cache_store.open(cache)
+    last = max(store.rows().values(), key=lambda r: r["row_start"] + r["num_frames"])
+    shard_frames = store.layout["shard_frames"]
+    tail = last["row_start"] + last["num_frames"]
+    assert tail % shard_frames, "the writer's last shard must be partly filled for this test"
+    shard = cache / last["location"] / f"c/{tail // shard_frames}/0/0/0/0"
+    raw = bytearray(shard.read_bytes())
+    raw[20] ^= 0x01  # one bit of the last shard's first chunk, which the resumed writer reloads
+    shard.write_bytes(bytes(raw))
+    assert cli.main(["verify", str(cache), "--mark_failed"]) == 1
+    assert f"CORRUPT {last['id']}:" in capsys.readouterr().out
+    result = ingest(sky[0], cache, "--retry_failed")
+    assert (result.saved, result.failed) == (1, 0)
+    assert cli.main(["verify", str(cache)]) == 0
+    assert snapshot(cache) == reference[1]
+    assert shard.read_bytes() == bytes(raw)  # the damaged file is left as it was, not rewritten
+
+
+def test_a_shard_another_process_is_writing_is_a_one_line_error_before_the_vae_loads(sky, reference, tmp_path,
+                                                                                     capsys, monkeypatch,
+                                                                                     restore_pynative):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference[0], cache)
+
+    def no_vae(*a, **k):
+        raise AssertionError("the VAE was loaded")
+
+    monkeypatch.setattr(pipeline, "build_vae", no_vae)
+    argv = [*BASE, "--data_folder", str(sky[0]), "--cache_folder", str(cache), "--retry_failed"]
+    with cache_store.open(cache).writer(0, 1):  # holds the shard's lock as another process would
+        assert pipeline.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("latte ingest: error:") and err.count("\n") == 1, err
+    assert "another process is writing shard 00000-of-00001" in err and "Saving Attempts" not in out
+
+
+def test_decord_open_errors_do_not_reach_stderr(tmp_path, capfd):
+    import sys as _sys
+
+    from ingest.readers import open_reader
+    from ingest.sources import EntryError
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not really a video")
+    (entry,) = discover_entries(tmp_path / "data")
+    print("before", file=_sys.stderr, flush=True)
+    with pytest.raises(EntryError, match="not a readable video"):
+        open_reader(entry)
+    print("after", file=_sys.stderr, flush=True)
+    err = capfd.readouterr().err
+    assert "ERROR opening" not in err and err == "before\nafter\n", err
