@@ -148,6 +148,26 @@ def test_short_entries_are_counted_and_validation_entries_held_out():
         plan_items(rows, num_frames=4, stride=3, val_entries=6)
 
 
+def test_no_usable_entry_names_the_real_cause_not_val_entries():
+    failed = [{"id": f"e{i}", "status": "failed", "num_frames": 0, "reason": "cannot decode\nat byte 7"}
+              for i in range(3)]
+    with pytest.raises(DataError) as info:
+        plan_items(failed, num_frames=4, stride=1, val_entries=0)
+    msg = str(info.value)
+    assert "no entry is ok" in msg and "e0: cannot decode" in msg and "--retry_failed" in msg
+    assert "val_entries" not in msg and "\n" not in msg
+    short = [{"id": f"e{i}", "status": "ok", "num_frames": n} for i, n in enumerate((12, 9, 12))]
+    with pytest.raises(DataError) as info:
+        plan_items(short + failed, num_frames=20, stride=1, val_entries=0)
+    msg = str(info.value)
+    assert "no entry has the 20 frames a clip needs" in msg and "longest of the 3 ok entries has 12" in msg
+    assert "--num_frames to 12 or less" in msg and "val_entries" not in msg
+    with pytest.raises(DataError, match="longest of the 3 ok entries has 12: lower --num_frames to 6 or less"):
+        plan_items(short, num_frames=8, stride=2, val_entries=0)  # needs 15 frames; 12 fit 6 at stride 2
+    with pytest.raises(DataError, match="holds no entries"):
+        plan_items([], num_frames=4, stride=1)
+
+
 def test_loader_resumes_at_exactly_the_next_sample_in_the_same_order(cache):
     import cache_store
     from trainer.data import cache_reader
@@ -190,6 +210,52 @@ def test_damaged_cache_stops_training_naming_the_entry_and_cache_verify(tmp_path
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 1, out.stderr[-2000:]
     assert last.startswith("latte train: error: cache entry 'clip_00") and f"latte cache verify {folder}" in last
+
+
+def test_damaged_held_out_entry_stops_with_the_same_line_as_a_training_entry(tmp_path):
+    folder = tmp_path / "cache"
+    make_latent_cache(folder, num_entries=3, frames=(6, 6), seed=1)
+    for shard in (folder / "latents").rglob("c/*/0/0/0/0"):  # zero the shard's chunks and index: every entry
+        raw = bytearray(shard.read_bytes())
+        raw[100:-100] = bytes(len(raw) - 200)
+        shard.write_bytes(bytes(raw))
+    rows = [{"id": f"clip_{i:03d}", "status": "ok", "num_frames": 6} for i in range(3)]
+    _, val, _ = plan_items(rows, 4, 1, val_entries=1, seed=3407)
+    # The held-out clips are read at start-up, before any training clip.
+    out = subprocess.run(_train_cmd("--cache_folder", folder, "--output_folder", tmp_path / "run", "--val_every", 50,
+                                    "--val_entries", 1, "--mode", "pynative", "--train_steps", 2),
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"latte train: error: cache entry {val[0].id!r} cannot be read at train time"), last
+    assert f"latte cache verify {folder}" in last
+
+
+@pytest.mark.parametrize("case", ["pretrained_missing", "pretrained_other_architecture", "data_folder_missing"])
+def test_user_errors_are_one_line_and_exit_2_without_a_traceback(cache, tmp_path, case):
+    if case == "data_folder_missing":
+        args = ["-c", ROOT / "configs" / "training" / "tiny_video.yaml", "--data_folder", "nope",
+                "--vae_checkpoint", tmp_path / "vae.safetensors"]
+        needle = "data_folder 'nope' does not exist"
+    else:
+        args = ["-c", TINY, "--cache_folder", cache, "--val_every", 0, "--mode", "pynative"]
+        weights = tmp_path / "other.safetensors"
+        needle = f"{weights}: no such weights file"
+        if case == "pretrained_other_architecture":
+            from models.convert import save_weights
+            from models.latte import Latte
+            config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                          num_frames=4, learn_sigma=True, extras=1)  # the tiny config's network is 64 wide
+            save_weights(weights, {k: p.asnumpy() for k, p in Latte(**config).parameters_dict().items()},
+                         fmt="safetensors", metadata={"kind": "latte", "config": config})
+            needle = f"{weights} does not match Latte"
+        args += ["--pretrained", weights]
+    out = subprocess.run([sys.executable, str(ROOT / "latte_cli.py"), "train", *map(str, args), "--progress", "False",
+                          "--output_folder", str(tmp_path / "run")],
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("latte train: error: ") and needle in last, last
 
 
 # ------------------------------------------------------------------------------------------------

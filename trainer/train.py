@@ -313,11 +313,23 @@ def main(argv=None):
                        description="Train Latte on a latent cache or raw videos.")
     try:
         return train(cfg)
-    except ConfigError:
-        raise
-    except (DataError, ckpt.CheckpointError) as err:
-        print(f"latte train: error: {err}", file=sys.stderr)
+    except DataError as err:  # the data itself is unusable (exit 1, as `latte cache verify` on corruption)
+        print(f"latte train: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as err:
+        # The class of user errors: ValueError is what every loader here raises for a file or value the
+        # user named (ConfigError, CheckpointError, a weights file that does not fit, a missing data
+        # folder), OSError a path that cannot be read or written. Program bugs are assertions and
+        # other types, and keep their traceback.
+        print(f"latte train: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err):
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text
 
 
 if __name__ == "__main__":
