@@ -1,6 +1,7 @@
 """`latte train`: AdamW/EMA/schedule semantics, the deterministic sampler, atomic and verifiable
 checkpoints, exact resume after SIGKILL, learning on synthetic data, gradient accumulation,
 data parallel under msrun, and training from raw videos."""
+import dataclasses
 import math
 import os
 import signal
@@ -18,7 +19,7 @@ from mindspore import Parameter, Tensor
 
 from models.config import ConfigError, parse_config
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig
+from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig, global_batch, batch_layout, resume_changes
 from trainer.data import ClipSource, DataError, DrawOrder, Item, make_loader, plan_items
 from trainer.logs import plot_losses, read_log
 from trainer.optim import EMA, AdamW, LossScaler, clip_coefficient, learning_rate_at
@@ -299,6 +300,54 @@ def test_prune_keeps_the_last_k_and_every_final_checkpoint(tmp_path):
         _write(tmp_path, step, final=step == 5)
     ckpt.prune(tmp_path, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [20, 15, 5]
+
+
+def test_resume_changes_name_each_result_changing_key_even_with_the_same_global_batch():
+    cfg = parse_config(TrainConfig, ["-c", TINY, "--cache_folder", "c"], prog="latte train")
+    saved = dataclasses.asdict(cfg)
+    neutral = replace(cfg, train_steps=9, log_every=7, ckpt_every=5, keep_checkpoints=9, progress=True,
+                      output_folder="elsewhere", resume="auto", val_every=10, num_workers=4, pretrained="x.ckpt")
+    assert resume_changes(saved, neutral, 1, 1) == []
+    # batch 4 x 1 accumulation -> 2 x 2: the same global batch, still refused (until elastic resume)
+    halved = replace(cfg, batch_size=2, gradient_accumulation_steps=2)
+    assert global_batch(batch_layout(saved, 1)) == global_batch(batch_layout(halved, 1)) == 4
+    assert resume_changes(saved, halved, 1, 1) == [("batch_size", 4, 2), ("gradient_accumulation_steps", 1, 2)]
+    assert resume_changes(saved, cfg, 1, 2) == [("world_size", 1, 2)]
+    assert resume_changes(saved, replace(cfg, learning_rate=2e-3, seed=1), 1, 1) == [
+        ("learning_rate", 1e-3, 2e-3), ("seed", 3407, 1)]
+    # a cosine schedule ends at train_steps: there it changes the result
+    cosine = dataclasses.asdict(replace(cfg, lr_schedule="cosine"))
+    assert resume_changes(cosine, replace(cfg, lr_schedule="cosine", train_steps=9), 1, 1) == [("train_steps", 300, 9)]
+    assert RESULT_NEUTRAL_KEYS <= {f.name for f in dataclasses.fields(TrainConfig)}  # no stale names
+    older = {k: v for k, v in saved.items() if k != "latent_sample"}  # a key the checkpoint predates
+    assert resume_changes(older, replace(cfg, latent_sample="mean"), 1, 1) == []
+
+
+def test_resume_refuses_changed_batch_size_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
+    run = tmp_path / "run"
+    common = ["--cache_folder", cache, "--output_folder", run, "--val_every", 0, "--mode", "pynative"]
+    first = subprocess.run(_train_cmd(*common, "--train_steps", 2, "--ckpt_every", 2),
+                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--batch_size", 2,
+                                        "--gradient_accumulation_steps", 2),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("latte train: error: ") and "step_0000002.safetensors" in last
+    assert "batch_size 4 -> 2" in last and "gradient_accumulation_steps 1 -> 2" in last
+    assert "--resume_allow_changes" in last
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    neutral = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--log_every", 3,
+                                        "--ckpt_every", 3, "--keep_checkpoints", 5, "--num_workers", 2),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert neutral.returncode == 0 and "resumed from" in neutral.stderr, neutral.stderr[-3000:]
+    allowed = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 4, "--batch_size", 2,
+                                        "--resume_allow_changes", "True"),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "warning: resuming" in allowed.stderr and "batch_size 4 -> 2" in allowed.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(run)][0] == 4
 
 
 def test_loss_curve_png(tmp_path):
