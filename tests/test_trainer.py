@@ -313,6 +313,7 @@ def test_resume_changes_name_each_result_changing_key_even_with_the_same_global_
     assert global_batch(batch_layout(saved, 1)) == global_batch(batch_layout(halved, 1)) == 4
     assert resume_changes(saved, halved, 1, 1) == [("batch_size", 4, 2), ("gradient_accumulation_steps", 1, 2)]
     assert resume_changes(saved, cfg, 1, 2) == [("world_size", 1, 2)]
+    assert resume_changes(saved, replace(cfg, cpu_threads=4), 1, 1) == [("cpu_threads", 1, 4)]
     assert resume_changes(saved, replace(cfg, learning_rate=2e-3, seed=1), 1, 1) == [
         ("learning_rate", 1e-3, 2e-3), ("seed", 3407, 1)]
     # a cosine schedule ends at train_steps: there it changes the result

@@ -30,8 +30,9 @@ RESULT_NEUTRAL_KEYS = frozenset({
     "val_every", "val_timesteps",
     # initial weights: read only by a fresh run, never by a resumed one
     "pretrained",
-    # how fast, not what: readers fill draws by number in any order; CPU threads split the same ops
-    "num_workers", "cpu_threads",
+    # how fast, not what: the readers fill draws by number, in any order (cpu_threads is not here: the
+    # thread count may change how kernels split a float sum, so the bits)
+    "num_workers",
 })
 
 # What one optimizer step averages over: world size x batch_size x gradient_accumulation_steps clips
