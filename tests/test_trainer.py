@@ -1,6 +1,7 @@
 """`latte train`: AdamW/EMA/schedule semantics, the deterministic sampler, atomic and verifiable
 checkpoints, exact resume after SIGKILL, learning on synthetic data, gradient accumulation,
 data parallel under msrun, and training from raw videos."""
+import dataclasses
 import math
 import os
 import signal
@@ -18,7 +19,7 @@ from mindspore import Parameter, Tensor
 
 from models.config import ConfigError, parse_config
 from trainer import checkpoint as ckpt
-from trainer.config import TrainConfig
+from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig, global_batch, batch_layout, resume_changes
 from trainer.data import ClipSource, DataError, DrawOrder, Item, make_loader, plan_items
 from trainer.logs import plot_losses, read_log
 from trainer.optim import EMA, AdamW, LossScaler, clip_coefficient, learning_rate_at
@@ -148,6 +149,26 @@ def test_short_entries_are_counted_and_validation_entries_held_out():
         plan_items(rows, num_frames=4, stride=3, val_entries=6)
 
 
+def test_no_usable_entry_names_the_real_cause_not_val_entries():
+    failed = [{"id": f"e{i}", "status": "failed", "num_frames": 0, "reason": "cannot decode\nat byte 7"}
+              for i in range(3)]
+    with pytest.raises(DataError) as info:
+        plan_items(failed, num_frames=4, stride=1, val_entries=0)
+    msg = str(info.value)
+    assert "no entry is ok" in msg and "e0: cannot decode" in msg and "--retry_failed" in msg
+    assert "val_entries" not in msg and "\n" not in msg
+    short = [{"id": f"e{i}", "status": "ok", "num_frames": n} for i, n in enumerate((12, 9, 12))]
+    with pytest.raises(DataError) as info:
+        plan_items(short + failed, num_frames=20, stride=1, val_entries=0)
+    msg = str(info.value)
+    assert "no entry has the 20 frames a clip needs" in msg and "longest of the 3 ok entries has 12" in msg
+    assert "--num_frames to 12 or less" in msg and "val_entries" not in msg
+    with pytest.raises(DataError, match="longest of the 3 ok entries has 12: lower --num_frames to 6 or less"):
+        plan_items(short, num_frames=8, stride=2, val_entries=0)  # needs 15 frames; 12 fit 6 at stride 2
+    with pytest.raises(DataError, match="holds no entries"):
+        plan_items([], num_frames=4, stride=1)
+
+
 def test_loader_resumes_at_exactly_the_next_sample_in_the_same_order(cache):
     import cache_store
     from trainer.data import cache_reader
@@ -192,6 +213,52 @@ def test_damaged_cache_stops_training_naming_the_entry_and_cache_verify(tmp_path
     assert last.startswith("latte train: error: cache entry 'clip_00") and f"latte cache verify {folder}" in last
 
 
+def test_damaged_held_out_entry_stops_with_the_same_line_as_a_training_entry(tmp_path):
+    folder = tmp_path / "cache"
+    make_latent_cache(folder, num_entries=3, frames=(6, 6), seed=1)
+    for shard in (folder / "latents").rglob("c/*/0/0/0/0"):  # zero the shard's chunks and index: every entry
+        raw = bytearray(shard.read_bytes())
+        raw[100:-100] = bytes(len(raw) - 200)
+        shard.write_bytes(bytes(raw))
+    rows = [{"id": f"clip_{i:03d}", "status": "ok", "num_frames": 6} for i in range(3)]
+    _, val, _ = plan_items(rows, 4, 1, val_entries=1, seed=3407)
+    # The held-out clips are read at start-up, before any training clip.
+    out = subprocess.run(_train_cmd("--cache_folder", folder, "--output_folder", tmp_path / "run", "--val_every", 50,
+                                    "--val_entries", 1, "--mode", "pynative", "--train_steps", 2),
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"latte train: error: cache entry {val[0].id!r} cannot be read at train time"), last
+    assert f"latte cache verify {folder}" in last
+
+
+@pytest.mark.parametrize("case", ["pretrained_missing", "pretrained_other_architecture", "data_folder_missing"])
+def test_user_errors_are_one_line_and_exit_2_without_a_traceback(cache, tmp_path, case):
+    if case == "data_folder_missing":
+        args = ["-c", ROOT / "configs" / "training" / "tiny_video.yaml", "--data_folder", "nope",
+                "--vae_checkpoint", tmp_path / "vae.safetensors"]
+        needle = "data_folder 'nope' does not exist"
+    else:
+        args = ["-c", TINY, "--cache_folder", cache, "--val_every", 0, "--mode", "pynative"]
+        weights = tmp_path / "other.safetensors"
+        needle = f"{weights}: no such weights file"
+        if case == "pretrained_other_architecture":
+            from models.convert import save_weights
+            from models.latte import Latte
+            config = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2,
+                          num_frames=4, learn_sigma=True, extras=1)  # the tiny config's network is 64 wide
+            save_weights(weights, {k: p.asnumpy() for k, p in Latte(**config).parameters_dict().items()},
+                         fmt="safetensors", metadata={"kind": "latte", "config": config})
+            needle = f"{weights} does not match Latte"
+        args += ["--pretrained", weights]
+    out = subprocess.run([sys.executable, str(ROOT / "latte_cli.py"), "train", *map(str, args), "--progress", "False",
+                          "--output_folder", str(tmp_path / "run")],
+                         env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("latte train: error: ") and needle in last, last
+
+
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 # ------------------------------------------------------------------------------------------------
@@ -233,6 +300,55 @@ def test_prune_keeps_the_last_k_and_every_final_checkpoint(tmp_path):
         _write(tmp_path, step, final=step == 5)
     ckpt.prune(tmp_path, keep=2)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [20, 15, 5]
+
+
+def test_resume_changes_name_each_result_changing_key_even_with_the_same_global_batch():
+    cfg = parse_config(TrainConfig, ["-c", TINY, "--cache_folder", "c"], prog="latte train")
+    saved = dataclasses.asdict(cfg)
+    neutral = replace(cfg, train_steps=9, log_every=7, ckpt_every=5, keep_checkpoints=9, progress=True,
+                      output_folder="elsewhere", resume="auto", val_every=10, num_workers=4, pretrained="x.ckpt")
+    assert resume_changes(saved, neutral, 1, 1) == []
+    # batch 4 x 1 accumulation -> 2 x 2: the same global batch, still refused (until elastic resume)
+    halved = replace(cfg, batch_size=2, gradient_accumulation_steps=2)
+    assert global_batch(batch_layout(saved, 1)) == global_batch(batch_layout(halved, 1)) == 4
+    assert resume_changes(saved, halved, 1, 1) == [("batch_size", 4, 2), ("gradient_accumulation_steps", 1, 2)]
+    assert resume_changes(saved, cfg, 1, 2) == [("world_size", 1, 2)]
+    assert resume_changes(saved, replace(cfg, cpu_threads=4), 1, 1) == [("cpu_threads", 1, 4)]
+    assert resume_changes(saved, replace(cfg, learning_rate=2e-3, seed=1), 1, 1) == [
+        ("learning_rate", 1e-3, 2e-3), ("seed", 3407, 1)]
+    # a cosine schedule ends at train_steps: there it changes the result
+    cosine = dataclasses.asdict(replace(cfg, lr_schedule="cosine"))
+    assert resume_changes(cosine, replace(cfg, lr_schedule="cosine", train_steps=9), 1, 1) == [("train_steps", 300, 9)]
+    assert RESULT_NEUTRAL_KEYS <= {f.name for f in dataclasses.fields(TrainConfig)}  # no stale names
+    older = {k: v for k, v in saved.items() if k != "latent_sample"}  # a key the checkpoint predates
+    assert resume_changes(older, replace(cfg, latent_sample="mean"), 1, 1) == []
+
+
+def test_resume_refuses_changed_batch_size_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
+    run = tmp_path / "run"
+    common = ["--cache_folder", cache, "--output_folder", run, "--val_every", 0, "--mode", "pynative"]
+    first = subprocess.run(_train_cmd(*common, "--train_steps", 2, "--ckpt_every", 2),
+                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    refused = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--batch_size", 2,
+                                        "--gradient_accumulation_steps", 2),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert last.startswith("latte train: error: ") and "step_0000002.safetensors" in last
+    assert "batch_size 4 -> 2" in last and "gradient_accumulation_steps 1 -> 2" in last
+    assert "--resume_allow_changes" in last
+    assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
+    neutral = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--log_every", 3,
+                                        "--ckpt_every", 3, "--keep_checkpoints", 5, "--num_workers", 2),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert neutral.returncode == 0 and "resumed from" in neutral.stderr, neutral.stderr[-3000:]
+    allowed = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 4, "--batch_size", 2,
+                                        "--resume_allow_changes", "True"),
+                             env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "warning: resuming" in allowed.stderr and "batch_size 4 -> 2" in allowed.stderr
+    assert [s for s, _ in ckpt.list_checkpoints(run)][0] == 4
 
 
 def test_loss_curve_png(tmp_path):

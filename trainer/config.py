@@ -4,7 +4,7 @@ Defaults are the original Sky Timelapse recipe (Latte-XL/2, AdamW 1e-4 without w
 0.9999, gradient clipping to 0.1 from step 20,000, seed 3407). `validate()` runs once at the edge and
 turns every impossible combination into a one-line ConfigError naming the key and the fix.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from models.config import ConfigError
 
@@ -13,6 +13,60 @@ MODEL_NAMES = ("Latte-XL/2", "Latte-XL/4", "Latte-XL/8", "Latte-L/2", "Latte-L/4
 
 # Keys that fix the network's shapes: a resumed run must agree with its checkpoint on these.
 ARCH_KEYS = ("model_name", "num_frames", "num_classes", "learn_sigma", "hidden_size", "depth", "num_heads")
+
+# Keys that may change when a run is resumed because they cannot change what it computes: a resumed
+# run with other values still repeats the uninterrupted one exactly. Every other key of the resolved
+# config must equal the checkpoint's, or `--resume_allow_changes True` must say the change is meant.
+RESULT_NEUTRAL_KEYS = frozenset({
+    # where things go and how a resume is asked for
+    "output_folder", "resume", "resume_allow_changes",
+    # when to stop: a constant schedule continues the same trajectory however long it runs (a cosine
+    # schedule ends at train_steps, so there it is compared: see resume_changes)
+    "train_steps",
+    # how often to write down what happened
+    "ckpt_every", "keep_checkpoints", "log_every", "progress",
+    # the held-out loss is measured without touching the training state (val_entries is not here:
+    # it decides which entries are trained on)
+    "val_every", "val_timesteps",
+    # initial weights: read only by a fresh run, never by a resumed one
+    "pretrained",
+    # how fast, not what: the readers fill draws by number, in any order (cpu_threads is not here: the
+    # thread count may change how kernels split a float sum, so the bits)
+    "num_workers",
+})
+
+# What one optimizer step averages over: world size x batch_size x gradient_accumulation_steps clips
+# (the world size comes from the launcher and is kept in the checkpoint's sampler state). Today each
+# factor must match on resume, since the per-rank sample order and the order of the float sums depend
+# on them. Elastic resume (another world size, the same global batch through the accumulation) will
+# compare only `global_batch(layout)` here.
+BATCH_KEYS = ("world_size", "batch_size", "gradient_accumulation_steps")
+
+
+def batch_layout(config, world_size):
+    """{key of BATCH_KEYS: value} of a config (a TrainConfig or its dict) run on `world_size` ranks."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return {"world_size": world_size, "batch_size": get("batch_size"),
+            "gradient_accumulation_steps": get("gradient_accumulation_steps")}
+
+
+def global_batch(layout):
+    return layout["world_size"] * layout["batch_size"] * layout["gradient_accumulation_steps"]
+
+
+def resume_changes(saved, cfg, saved_world_size, world_size):
+    """[(key, checkpoint's value, current value)] of every result-changing difference between a
+    checkpoint's resolved config (`saved`, a dict) and `cfg`. Keys the checkpoint predates are skipped."""
+    neutral = RESULT_NEUTRAL_KEYS - {"train_steps"} if cfg.lr_schedule == "cosine" else RESULT_NEUTRAL_KEYS
+    changes = []
+    for f in fields(cfg):
+        if f.name in neutral or f.name in BATCH_KEYS or f.name not in saved:
+            continue
+        if saved[f.name] != getattr(cfg, f.name):
+            changes.append((f.name, saved[f.name], getattr(cfg, f.name)))
+    before, now = batch_layout(saved, saved_world_size), batch_layout(cfg, world_size)
+    changes += [(key, before[key], now[key]) for key in BATCH_KEYS if before[key] != now[key]]
+    return changes
 
 
 @dataclass
@@ -72,6 +126,9 @@ class TrainConfig:
     # -- run --------------------------------------------------------------------------------------
     output_folder: str = field(default="results/sky", metadata={"help": "checkpoints, logs, config and loss curve"})
     resume: str = field(default="", metadata={"help": "'' fresh; 'auto' newest valid checkpoint in output_folder; or a path"})
+    resume_allow_changes: bool = field(default=False, metadata={
+        "help": "resume even though result-changing keys differ from the checkpoint's (the run then differs "
+                "from an uninterrupted one)"})
     ckpt_every: int = field(default=10_000, metadata={"help": "checkpoint every N steps (and always at the end)"})
     keep_checkpoints: int = field(default=3, metadata={"help": "periodic checkpoints kept (the final one always is)"})
     log_every: int = field(default=1, metadata={"help": "JSONL log line every N steps"})

@@ -48,6 +48,8 @@ def plan_items(rows, num_frames, stride, val_entries=0, seed=0, num_classes=0):
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["id"])
     too_short = [(r["id"], int(r["num_frames"])) for r in ok if int(r["num_frames"]) < span]
     items = [Item(r["id"], int(r["num_frames"]), _label(r, num_classes)) for r in ok if int(r["num_frames"]) >= span]
+    if not items:
+        raise DataError(_no_usable_entry(rows, ok, num_frames, stride))
     if val_entries >= len(items):
         raise DataError(f"val_entries={val_entries} leaves no training entries ({len(items)} usable entries of "
                         f"{span}+ frames): lower --val_entries")
@@ -56,6 +58,23 @@ def plan_items(rows, num_frames, stride, val_entries=0, seed=0, num_classes=0):
     train = [it for i, it in enumerate(items) if i not in pick]
     val = [it for i, it in enumerate(items) if i in pick]
     return train, val, too_short
+
+
+def _no_usable_entry(rows, ok, num_frames, stride):
+    """Why not one entry can give a clip, and the fix: the cause decides the advice."""
+    if not rows:
+        return "it holds no entries: ingest some first (`latte ingest ... --cache_folder`)"
+    if not ok:
+        bad = rows[0]
+        reason = (str(bad.get("reason") or "").strip().splitlines() or [bad["status"]])[0]
+        return (f"no entry is ok ({len(rows)} entries, all failed or skipped, e.g. {bad['id']}: {reason}): fix or "
+                f"replace the source data (for a cache, `latte cache info` shows every reason, then re-run "
+                f"`latte ingest ... --retry_failed`)")
+    longest = max(int(r["num_frames"]) for r in ok)
+    fits = (longest - 1) // stride + 1  # the most frames a clip of the longest entry can have at this stride
+    return (f"no entry has the {clip_span(num_frames, stride)} frames a clip needs (num_frames {num_frames} x "
+            f"sample_stride {stride}); the longest of the {len(ok)} ok entries has {longest}: lower --num_frames "
+            f"to {fits} or less, or --sample_stride")
 
 
 def _label(row, num_classes):
@@ -105,6 +124,12 @@ class DrawOrder:
         return np.random.default_rng([self.seed, 1, self.rank, int(draw)])
 
 
+def first_line(err):
+    """An exception as the one line that goes into an error naming the entry."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 class ClipSource:
     """Random-access source for `mindspore.dataset.GeneratorDataset`: index = draw number.
 
@@ -140,7 +165,7 @@ class ClipSource:
             assert x.shape == self.sample_shape, (x.shape, self.sample_shape)
             bad = -1
         except Exception as err:  # noqa: BLE001 - reported by the trainer with the entry's name
-            self.errors[idx] = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            self.errors[idx] = first_line(err)
             x, bad = np.zeros(self.sample_shape, np.float32), idx
         return x, np.int32(item.label), np.int32(bad)
 
@@ -238,17 +263,17 @@ class TrainData:
             read = video_reader(entries, cfg.num_frames, cfg.sample_stride, cfg.image_size)
             where = cfg.data_folder
         self.read = read
-        self.train, self.val, short = plan_items(rows, cfg.num_frames, cfg.sample_stride, cfg.val_entries,
-                                                 cfg.seed, cfg.num_classes)
+        try:
+            self.train, self.val, short = plan_items(rows, cfg.num_frames, cfg.sample_stride, cfg.val_entries,
+                                                     cfg.seed, cfg.num_classes)
+        except DataError as err:
+            raise DataError(f"{where}: {err}") from None
         span = clip_span(cfg.num_frames, cfg.sample_stride)
         not_ok = sum(r["status"] != "ok" for r in rows)
         if short:
             names = ", ".join(f"{i} ({n})" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
             say(f"note: {len(short)} of {len(rows)} entries have fewer than {span} frames "
                        f"(num_frames {cfg.num_frames} x stride {cfg.sample_stride}) and are not used: {names}")
-        if not self.train:
-            raise DataError(f"{where}: no entry has the {span} frames a clip needs ({len(rows)} entries, "
-                            f"{not_ok} not ok, {len(short)} too short): lower --num_frames or --sample_stride")
         self.order = DrawOrder(len(self.train), cfg.seed, rank, world)
         if cfg.data_source == "cache":
             shape, latent = (cfg.num_frames,) + self.latent_shape, (cfg.latent_sample, self.scale)
@@ -278,16 +303,17 @@ class TrainData:
     def check(self, bad):
         """Stop with one clear line if a reader flagged an entry it could not read."""
         bad = [int(b) for b in np.asarray(bad).ravel() if b >= 0]
-        if not bad:
-            return
-        item = self.train[bad[0]]
-        problem = self.source.errors.get(bad[0], "read failed")
+        if bad:
+            raise self.unreadable(self.train[bad[0]], self.source.errors.get(bad[0], "read failed"))
+
+    def unreadable(self, item, problem):
+        """The one-line error for an entry that cannot be read, training or held out alike."""
         if self.cfg.data_source == "cache":
             hint = "" if "latte cache verify" in problem else f"; run `latte cache verify {self.cfg.cache_folder}`"
-            raise DataError(f"cache entry {item.id!r} cannot be read at train time, the cache was damaged after "
-                            f"ingest ({problem}){hint} and re-ingest the entries it reports")
-        raise DataError(f"video entry {item.id!r} cannot be read ({problem}): fix or remove it under "
-                        f"{self.cfg.data_folder}")
+            return DataError(f"cache entry {item.id!r} cannot be read at train time, the cache was damaged after "
+                             f"ingest ({problem}){hint} and re-ingest the entries it reports")
+        return DataError(f"video entry {item.id!r} cannot be read ({problem}): fix or remove it under "
+                         f"{self.cfg.data_folder}")
 
     def encode(self, frames, rng, mode):
         """(B, F, 3, S, S) frames -> (B, F, 4, h, w) scaled latents (video mode)."""
@@ -304,7 +330,10 @@ class TrainData:
         """Held-out clips from their first frame, posterior mean only: a fixed validation set."""
         out = []
         for item in self.val:
-            x = self.read(item, 0)
+            try:
+                x = self.read(item, 0)
+            except Exception as err:  # noqa: BLE001 - the same one line as a damaged training entry
+                raise self.unreadable(item, first_line(err)) from None
             if self.cfg.data_source == "cache":
                 x = x[0] * np.float32(self.scale)
             else:

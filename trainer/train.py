@@ -28,7 +28,7 @@ import yaml
 
 from models.config import ConfigError, parse_config
 from trainer import checkpoint as ckpt
-from trainer.config import ARCH_KEYS, TrainConfig
+from trainer.config import ARCH_KEYS, TrainConfig, resume_changes
 from trainer.data import DataError, TrainData, make_loader
 from trainer.logs import PLOT_NAME, JsonlLog, plot_losses, read_log
 from trainer.optim import LossScaler, learning_rate_at
@@ -89,6 +89,22 @@ def _resolve_resume(cfg, rank):
         raise ConfigError(f"output_folder {cfg.output_folder} already holds checkpoints: pass --resume auto to "
                           f"continue that run, or choose another --output_folder")
     return None, None
+
+
+def _check_same_config(meta, cfg, world, path, rank):
+    """Refuse to resume with result-changing keys that differ from the checkpoint's, naming each,
+    unless --resume_allow_changes says the change is meant (then say what changed)."""
+    saved_world = int(meta["state"].get("sampler", {}).get("world_size", 1))
+    changes = resume_changes(meta["config"], cfg, saved_world, world)
+    if not changes:
+        return
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    if not cfg.resume_allow_changes:
+        raise ConfigError(f"{path} was trained with another config ({listed}): resume with the checkpoint's "
+                          f"values, or pass --resume_allow_changes True to continue with the new ones (the run "
+                          f"then differs from an uninterrupted one)")
+    _say(rank, f"warning: resuming {path} with changed {listed} (--resume_allow_changes): the run differs from "
+               f"an uninterrupted one from here on")
 
 
 def _check_same_model(meta, cfg, net_config, path):
@@ -194,6 +210,8 @@ def train(cfg):
     from trainer.step import TrainStep
 
     resume_path, meta = _resolve_resume(cfg, rank)
+    if meta is not None:
+        _check_same_config(meta, cfg, world, resume_path, rank)
     data = TrainData(cfg, rank, world, say=lambda msg: _say(rank, msg))
     net_config = latte_config(cfg, data.latent_shape)
     if meta is not None:
@@ -313,11 +331,23 @@ def main(argv=None):
                        description="Train Latte on a latent cache or raw videos.")
     try:
         return train(cfg)
-    except ConfigError:
-        raise
-    except (DataError, ckpt.CheckpointError) as err:
-        print(f"latte train: error: {err}", file=sys.stderr)
+    except DataError as err:  # the data itself is unusable (exit 1, as `latte cache verify` on corruption)
+        print(f"latte train: error: {_one_line(err)}", file=sys.stderr)
         return 1
+    except (ValueError, OSError) as err:
+        # The class of user errors: ValueError is what every loader here raises for a file or value the
+        # user named (ConfigError, CheckpointError, a weights file that does not fit, a missing data
+        # folder), OSError a path that cannot be read or written. Program bugs are assertions and
+        # other types, and keep their traceback.
+        print(f"latte train: error: {_one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(err):
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return text
 
 
 if __name__ == "__main__":
