@@ -4,7 +4,7 @@ On MindSpore's CPU backend a Latte-S/2 forward spent as long in the elementwise 
 matmuls (LayerNorm + adaLN modulation, bias + tanh GELU, gated residuals, the q/k/v head layouts,
 softmax) as in the matmuls themselves: every op is one more pass over memory, and there is no
 operator fusion on CPU. `cpu_kernels.cc` does each chain, forward and backward, in one pass. The
-cells below wrap them with hand-written backward passes; `models/latte_cells.py` has the plain-ops
+cells below wrap them with hand-written backward passes; `models/plain_cells.py` has the plain-ops
 cells with the same interfaces, which `models/latte.py` uses on GPU/Ascend, for other dtypes, and
 where the library cannot be built. `models/vae_layers.py` uses the im2col and GroupNorm (+ SiLU)
 kernels for the VAE's convolutions.
@@ -29,7 +29,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from models.cpu_features import isa_key
@@ -81,9 +80,9 @@ def _last_line(text):
     return (text.strip().splitlines() or ["(no output)"])[-1]
 
 
-def _run(command, timeout, what):
+def _run(command, timeout, what, hint=""):
     """Run `command` in its own process group with a time limit; on timeout kill the whole group (g++
-    leaves cc1plus and as behind otherwise) and raise RuntimeError naming `what`."""
+    leaves cc1plus and as behind otherwise) and raise RuntimeError naming `what`, then `hint`."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -91,12 +90,13 @@ def _run(command, timeout, what):
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        raise RuntimeError(f"{what} took longer than {timeout:g} s (LATTE_KERNEL_BUILD_TIMEOUT to change)") from None
+        raise RuntimeError(f"{what} took longer than {timeout:g} s{hint}") from None
     return proc.returncode, out, err
 
 
 def _compile(compiler, out):
-    code, _, err = _run([compiler, *FLAGS, "-o", out, str(SOURCE)], COMPILE_TIMEOUT, f"{compiler} on {SOURCE.name}")
+    code, _, err = _run([compiler, *FLAGS, "-o", out, str(SOURCE)], COMPILE_TIMEOUT,
+                        f"{compiler} on {SOURCE.name}", " (LATTE_KERNEL_BUILD_TIMEOUT to change)")
     if code:
         raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {_last_line(err)}")
 
