@@ -241,11 +241,11 @@ class Attention(nn.Cell):
             out = ops.flash_attention_score(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
                                             self.num_heads, scalar_value=1.0, input_layout="BNSD")
             out = out.astype(ms.float32)
-        elif self.cast:
+        elif self.cast:  # matmuls in the compute dtype, the softmax in float32
             attn = self.softmax(self.bmm_qk(q.astype(self.dtype), k.astype(self.dtype)).astype(ms.float32))
             out = self.bmm_pv(attn.astype(self.dtype), v.astype(self.dtype)).astype(ms.float32)
         else:
-            out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)  # softmax in float32 whatever the dtype
+            out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
         return self.proj.matmul(merge(out, shape_ref)).reshape(n, f * t, d)
 
 
