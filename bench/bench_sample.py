@@ -110,7 +110,7 @@ def main():
     print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
           f"{args.cpu_threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
     ours = Latte(input_size=LATENT, num_frames=FRAMES, learn_sigma=True, **SIZE)
-    print("ours runs " + ("its fused CPU kernels" if ours.cpu_kernels else "plain ops (fused CPU kernels off or "
+    print("ours runs " + ("its fused CPU kernels" if ours.fused_kernels else "plain ops (fused CPU kernels off or "
                           "not built)") + "; LATTE_CPU_KERNELS=0 selects the plain-ops path", flush=True)
     rng = np.random.default_rng(0)
     for name, param in ours.parameters_dict().items():  # non-zero everywhere, so outputs can be compared

@@ -197,7 +197,7 @@ def run_one(which, args):
     out = {"which": which, "s_per_step": float(np.median(times)), "times": times, "first_step_s": t_compile,
            "cpu_s_per_step": float(np.median(cpu_times)), "load_avg": os.getloadavg()[0],
            "params": int(sum(p.size for p in step.params)), "loss": losses[-1],
-           "network": "fused CPU kernels" if getattr(net, "cpu_kernels", False) else "plain ops",
+           "network": "fused CPU kernels" if getattr(net, "fused_kernels", False) else "plain ops",
            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     if which == "ours" and args.peak:
         out["matmul_peak_gflops"] = matmul_peak()

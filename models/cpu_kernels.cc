@@ -1,4 +1,5 @@
-// Fused float32 CPU kernels for Latte's transformer blocks (see models/cpu_kernels.py).
+// Fused float32 CPU kernels for Latte's transformer blocks and for the VAE's im2col and GroupNorm (+ SiLU)
+// (see models/cpu_kernels.py; the VAE layers in models/vae_layers.py).
 //
 // Each function is a MindSpore "aot" custom op: int f(nparam, params, ndims, shapes, dtypes, stream,
 // extra), inputs first then outputs in `params`. They replace chains of 4-10 elementwise MindSpore ops

@@ -4,85 +4,148 @@ On MindSpore's CPU backend a Latte-S/2 forward spent as long in the elementwise 
 matmuls (LayerNorm + adaLN modulation, bias + tanh GELU, gated residuals, the q/k/v head layouts,
 softmax) as in the matmuls themselves: every op is one more pass over memory, and there is no
 operator fusion on CPU. `cpu_kernels.cc` does each chain, forward and backward, in one pass. The
-cells below wrap them with hand-written backward passes; `models/latte.py` uses them on CPU in
-float32 and keeps the plain-ops path (same math, same parameters) for GPU/Ascend, other dtypes, and
-machines where the library cannot be built. `models/layers.py` does the same for the VAE's
-convolutions (im2col written in one pass) and GroupNorm (+ SiLU).
+cells below wrap them with hand-written backward passes; `models/plain_cells.py` has the plain-ops
+cells with the same interfaces, which `models/latte.py` uses on GPU/Ascend, for other dtypes, and
+where the library cannot be built. `models/vae_layers.py` uses the im2col and GroupNorm (+ SiLU)
+kernels for the VAE's convolutions.
 
 The library is compiled on first use with the system C++ compiler (g++ by default, `CXX` to change)
-for this processor (-march=native), into `$LATTE_KERNEL_DIR` (default ~/.cache/latte/kernels), keyed
-by the source, the flags and the CPU model, so nodes of a mixed cluster sharing a home folder each
-get their own build. `LATTE_CPU_KERNELS=0` turns the fused path off.
+for this processor (-march=native), into `$LATTE_KERNEL_DIR` (default ~/.cache/latte/kernels). The
+file name is keyed by what makes a build right or wrong for a machine: the instruction set (ISA flags,
+what -march=native resolves to, the compiler version: `models.cpu_features.isa_key`), the source and
+the flags, so nodes of a mixed cluster sharing a home folder each get their own build. One process
+builds while the others (msrun workers) wait on a file lock; the compiler has a time limit; and a new
+library is loaded and checked against numpy in a child process before it is put in place, so one that
+crashes (SIGILL) or computes wrong is never cached. Any failure leaves the plain-ops path, with a
+one-line note. `LATTE_CPU_KERNELS=0` turns the fused path off.
 """
+import fcntl
 import hashlib
 import os
-import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import mindspore as ms
 from mindspore import nn, ops
+
+from models.cpu_features import isa_key
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -fno-trapping-math lets GCC vectorise the float->int step of exp; -fopenmp-simd honours the `omp simd`
 # loops without linking an OpenMP runtime (the kernels are single-threaded, see the .cc file).
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-std=c++17",
          "-shared", "-fPIC"]
+# Seconds for one compile (about 1-5 s when the machine is busy) and one smoke test (a MindSpore import
+# plus one op); past them something is wrong (a hung compiler, a library that never returns).
+COMPILE_TIMEOUT = float(os.environ.get("LATTE_KERNEL_BUILD_TIMEOUT", "300"))
+SMOKE_TIMEOUT = 300.0
+
+# Run in a fresh interpreter on a candidate library (argv[1]): one kernel through MindSpore's aot
+# loader against numpy. Exit 0 when right; a crash (SIGILL from an instruction this CPU lacks) or a
+# wrong result rejects the library. The row length 67 covers the vector loops and their tails.
+SMOKE_TEST = r"""
+import sys
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+ms.set_device("CPU")
+op = ops.Custom(sys.argv[1] + ":softmax_fwd", out_shape=lambda x: x, out_dtype=lambda x: x, func_type="aot")
+x = np.random.default_rng(0).standard_normal((5, 67)).astype(np.float32) * 4
+got = op(Tensor(x)).asnumpy()
+e = np.exp(x - x.max(-1, keepdims=True))
+want = e / e.sum(-1, keepdims=True)
+if not np.allclose(got, want, rtol=1e-5, atol=1e-7):
+    print(f"softmax_fwd is off by {np.abs(got - want).max():.3g}", file=sys.stderr)
+    sys.exit(3)
+"""
 
 _library = None  # path of the built library, "" when it cannot be built
-
-
-def _cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _kernel_dir():
     return Path(os.environ.get("LATTE_KERNEL_DIR") or Path.home() / ".cache" / "latte" / "kernels")
 
 
+def library_name(compiler):
+    """File name of the library for this machine and compiler: differs whenever the ISA (flags,
+    resolved -march=native), the compiler version, the source or the flags differ."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + FLAGS).encode()).hexdigest()[:12]
+    return f"latte_cpu_kernels_{isa_key(compiler)}_{digest}.so"
+
+
+def _last_line(text):
+    return (text.strip().splitlines() or ["(no output)"])[-1]
+
+
+def _run(command, timeout, what, hint=""):
+    """Run `command` in its own process group with a time limit; on timeout kill the whole group (g++
+    leaves cc1plus and as behind otherwise) and raise RuntimeError naming `what`, then `hint`."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise RuntimeError(f"{what} took longer than {timeout:g} s{hint}") from None
+    return proc.returncode, out, err
+
+
+def _compile(compiler, out):
+    code, _, err = _run([compiler, *FLAGS, "-o", out, str(SOURCE)], COMPILE_TIMEOUT,
+                        f"{compiler} on {SOURCE.name}", " (LATTE_KERNEL_BUILD_TIMEOUT to change)")
+    if code:
+        raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {_last_line(err)}")
+
+
+def _smoke_test(library):
+    """Load `library` in a child process and check one kernel against numpy; RuntimeError if not right."""
+    code, _, err = _run([sys.executable, "-c", SMOKE_TEST, library], SMOKE_TIMEOUT, "the smoke test of the new library")
+    if code < 0:
+        raise RuntimeError(f"the new library crashed its smoke test with {signal.Signals(-code).name} "
+                           "(built for another processor?)")
+    if code:
+        raise RuntimeError(f"the new library failed its smoke test: {_last_line(err)}")
+
+
 def build_library():
-    """Path of the compiled kernel library, building it if needed. Raises RuntimeError with a
-    one-line reason when it cannot be built."""
+    """Path of the compiled kernel library, building and smoke-testing it if needed. Raises
+    RuntimeError with a one-line reason when it cannot be built or does not pass; then nothing is
+    left in the kernel folder but the lock file."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX)")
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([compiler] + FLAGS).encode() + _cpu_model().encode()).hexdigest()[:16]
     folder = _kernel_dir()
-    target = folder / f"latte_cpu_kernels_{key}.so"
-    if target.exists():
+    target = folder / library_name(compiler)
+    if target.exists():  # only libraries that passed the smoke test are ever renamed to this name
         return str(target)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        lock = open(target.with_suffix(".lock"), "a")
     except OSError as exc:
-        raise RuntimeError(f"cannot create {folder} ({exc.strerror}): set LATTE_KERNEL_DIR to a writable folder")
-    # unique temp name then rename: concurrent builds (msrun workers) never see a partial library
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        run = subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-        if run.returncode:
-            last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {last}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        raise RuntimeError(f"cannot write to {folder} ({exc.strerror}): set LATTE_KERNEL_DIR to a writable folder")
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first process builds; the others wait here, then reuse it
+        if target.exists():
+            return str(target)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".build_", suffix=".so")
+        os.close(fd)
+        try:
+            _compile(compiler, tmp)
+            _smoke_test(tmp)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return str(target)
 
 
 def available():
-    """True when the fused kernels can be used: CPU device, not disabled, library built. Builds the
-    library on first call; a failure is reported once on stderr and the plain-ops path is used."""
+    """True when the fused kernels can be used: not disabled, library built and smoke-tested. Builds
+    the library on first call; a failure is reported once on stderr and the plain-ops path is used."""
     global _library
     if os.environ.get("LATTE_CPU_KERNELS", "1") == "0":
         return False
@@ -91,8 +154,8 @@ def available():
             _library = build_library()
         except (RuntimeError, OSError) as exc:
             _library = ""
-            print(f"note: fused CPU kernels unavailable ({exc}); Latte runs on plain MindSpore ops, "
-                  "about 1.5x slower. LATTE_CPU_KERNELS=0 skips the attempt.", file=sys.stderr)
+            print(f"note: fused CPU kernels unavailable ({exc}); running on plain MindSpore ops (same results, "
+                  "slower: see the README's Benchmarks). LATTE_CPU_KERNELS=0 skips the attempt.", file=sys.stderr)
     return bool(_library)
 
 

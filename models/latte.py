@@ -9,11 +9,12 @@ What differs is only *how* things are computed, for speed on CPU and graph-mode 
 - adaLN modulation is computed once per sample and broadcast, instead of on a condition repeated
   for every frame / token (the rows are identical, so the result is too);
 - activations stay (N, F, T, D): a temporal block permutes its q, k, v rather than rearranging x;
-- tanh GELU, LayerNorm, softmax and the broadcasting ops have hand-written backward passes (see
-  "Basic layers" for the MindSpore CPU behaviour that makes this pay);
-- on CPU in float32 the elementwise chains between the matmuls run as fused C++ kernels
-  (`models/cpu_kernels.py`), each one pass over memory forward and backward; the plain-ops path
-  computes the same and is used elsewhere (`cpu_kernels=False` forces it).
+- the elementwise chains between the matmuls (bias + tanh GELU, LayerNorm + modulation, bias +
+  gated residual, the q/k/v head layouts, softmax) are cells with hand-written backward passes, in
+  two implementations with the same interface: fused C++ kernels on CPU in float32
+  (`models/cpu_kernels.py`, one pass over memory each), plain MindSpore ops elsewhere
+  (`models/plain_cells.py`; `fused_kernels=False` forces them). So the attention's and the MLP's
+  last biases are added in the block's gated residual, and q is scaled inside the q/k/v split.
 
 Compute dtype: `dtype=ms.float16 / ms.bfloat16` runs the matmuls in that dtype (for GPU/Ascend);
 parameters, the residual stream, LayerNorm, softmax and the timestep embedding stay float32.
@@ -26,111 +27,18 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, Zero, initializer
 
-from models import cpu_kernels
+from models import cpu_kernels, plain_cells
 from models.runtime import device_target
+
+_matmul_nt = ops.MatMul(transpose_b=True)
 
 
 #################################################################################
 #                               Basic layers                                    #
 #################################################################################
-# Two MindSpore CPU facts shape the ops below (measured on MindSpore 2.10):
-# - reductions (ReduceSum / ReduceMean) are ~10x slower than a matmul with a vector of ones;
-# - an elementwise op that broadcasts a computed tensor ((..., 1) over the last axis, or a
-#   per-sample (N, 1, D) over tokens) is slow, and in graph mode its output memory is never reused:
-#   the forward of Latte-S/2 grew to ~5 GB. Materialising the broadcast first with a rank-1 matmul
-#   against ones, then a same-shape op, is faster and keeps memory flat.
-# Autodiff would emit such reductions and broadcasts for every bias, adaLN modulation, LayerNorm
-# and softmax, so these ops carry a hand-written backward (`bprop`). The forward math is the
-# original's. Primitives are module constants: functional ops fail inside a graph-mode bprop.
-_matmul = ops.MatMul()
-_matmul_nt = ops.MatMul(transpose_b=True)
-_matmul_tn = ops.MatMul(transpose_a=True)
-_bmm = ops.BatchMatMul()
-
 
 def _param(shape, init, name, requires_grad=True):
     return Parameter(initializer(init, shape, ms.float32), name=name, requires_grad=requires_grad)
-
-
-def _sum_tokens(x):
-    """(N, M, D) -> (N, 1, D), summed over the M axis."""
-    return _bmm(ops.ones((x.shape[0], 1, x.shape[1]), x.dtype), x)
-
-
-def _expand_tokens(v, m):
-    """(N, 1, D) -> (N, m, D), each sample's vector repeated for its m tokens."""
-    return _bmm(ops.ones((v.shape[0], m, 1), v.dtype), v)
-
-
-def _sum_last(x):
-    """(..., D) -> (..., 1), summed over the last axis."""
-    d = x.shape[-1]
-    return _matmul(x.reshape(-1, d), ops.ones((d, 1), x.dtype)).reshape(x.shape[:-1] + (1,))
-
-
-def _mean_last(x):
-    return _sum_last(x) * (1.0 / x.shape[-1])
-
-
-def _expand_last(v, d):
-    """(..., 1) -> (..., d)."""
-    return _matmul(v.reshape(-1, 1), ops.ones((1, d), v.dtype)).reshape(v.shape[:-1] + (d,))
-
-
-class _DenseOp(nn.Cell):
-    """y = x @ w.T + b for 2-D x."""
-
-    def construct(self, x, w, b):
-        return ops.bias_add(_matmul_nt(x, w), b)
-
-    def bprop(self, x, w, b, out, dout):
-        db = _matmul(ops.ones((1, x.shape[0]), dout.dtype), dout).reshape(b.shape)
-        return _matmul(dout, w), _matmul_tn(dout, x), db
-
-
-class _NormModulate(nn.Cell):
-    """layer_norm(x) * (1 + scale) + shift for x (N, M, D) and per-sample shift, scale (N, 1, D):
-    LayerNorm without affine (eps 1e-6) then adaLN modulation. Also returns the normalised x and
-    1/std (expanded to x's shape), which the backward reuses (callers take `[0]`)."""
-
-    def __init__(self, eps=1e-6):
-        super().__init__()
-        self.eps = eps
-
-    def construct(self, x, shift, scale):
-        m, d = x.shape[1], x.shape[2]
-        xc = x - _expand_last(_mean_last(x), d)
-        rstd = _expand_last(ops.rsqrt(_mean_last(xc * xc) + self.eps), d)
-        xhat = xc * rstd
-        return xhat * _expand_tokens(1 + scale, m) + _expand_tokens(shift, m), xhat, rstd
-
-    def bprop(self, x, shift, scale, out, dout):
-        _, xhat, rstd = out
-        dy = dout[0]
-        m, d = x.shape[1], x.shape[2]
-        g = dy * _expand_tokens(1 + scale, m)  # gradient w.r.t. xhat; then the LayerNorm backward
-        dx = rstd * (g - _expand_last(_mean_last(g), d) - xhat * _expand_last(_mean_last(g * xhat), d))
-        return dx, _sum_tokens(dy), _sum_tokens(dy * xhat)
-
-
-class _GatedResidual(nn.Cell):
-    """x + gate * y for x, y (N, M, D) and a per-sample gate (N, 1, D)."""
-
-    def construct(self, x, gate, y):
-        return x + _expand_tokens(gate, y.shape[1]) * y
-
-    def bprop(self, x, gate, y, out, dout):
-        return dout, _sum_tokens(dout * y), dout * _expand_tokens(gate, y.shape[1])
-
-
-class _Softmax(nn.Cell):
-    """Softmax over the last axis."""
-
-    def construct(self, x):
-        return ops.softmax(x, axis=-1)
-
-    def bprop(self, x, out, dout):
-        return (out * (dout - _expand_last(_sum_last(dout * out), out.shape[-1])),)
 
 
 class Linear(nn.Cell):
@@ -146,7 +54,7 @@ class Linear(nn.Cell):
         self.bias = _param((out_features,), Zero(), "bias")
         self.dtype = dtype
         self.cast = dtype != ms.float32
-        self.dense = _DenseOp()
+        self.dense = plain_cells.Dense()
 
     def construct(self, x):
         shape = x.shape
@@ -159,31 +67,19 @@ class Linear(nn.Cell):
             y = y.astype(ms.float32)
         return y.reshape(shape[:-1] + (self.out_features,))
 
+    def matmul(self, x):
+        """x @ weight.T WITHOUT the bias, in the compute dtype, for a caller that adds the bias in its
+        next op (qkv split, GELU, gated residual: one pass less over the output), in that dtype."""
+        shape = x.shape
+        x, w = x.reshape(-1, shape[-1]), self.weight
+        if self.cast:
+            x, w = x.astype(self.dtype), w.astype(self.dtype)
+        return _matmul_nt(x, w).reshape(shape[:-1] + (self.out_features,))
+
 
 class SiLU(nn.Cell):
     def construct(self, x):
         return x * ops.sigmoid(x)
-
-
-_GELU_A = 1.5957691216057308  # 2 * sqrt(2 / pi)
-_GELU_AB = _GELU_A * 0.044715
-
-
-class GELUTanh(nn.Cell):
-    """torch's GELU(approximate="tanh"), 0.5*x*(1 + tanh(sqrt(2/pi)*(x + 0.044715*x^3))), written
-    with the identity 0.5*(1 + tanh(u)) = sigmoid(2u) (~10x faster than MindSpore's fused GELU on
-    CPU). Returns (y, sigmoid, x^2): the closed-form backward reuses them, with fewer ops than
-    autodiff through the chain."""
-
-    def construct(self, x):
-        x2 = x * x
-        s = ops.sigmoid(x * (_GELU_A + _GELU_AB * x2))
-        return x * s, s, x2
-
-    def bprop(self, x, out, dout):
-        _, s, x2 = out
-        # d/dx [x * sigmoid(u)] = s + x * s * (1 - s) * du/dx, u = x * (A + AB * x^2)
-        return (dout[0] * (s * (1 + x * (1 - s) * (_GELU_A + 3 * _GELU_AB * x2))),)
 
 
 #################################################################################
@@ -208,7 +104,7 @@ class PatchEmbed(nn.Cell):
         self.proj.bias = _param((embed_dim,), Zero(), "bias")
         self.dtype = dtype
         self.cast = dtype != ms.float32
-        self.dense = _DenseOp()
+        self.dense = plain_cells.Dense()
 
     def construct(self, x):
         """(B, C, H, W) -> (B, T, D), T = (H/p)*(W/p) in row-major patch order."""
@@ -306,14 +202,14 @@ class LabelEmbedder(nn.Cell):
 #################################################################################
 
 class Attention(nn.Cell):
-    """Multi-head self-attention with a fused qkv projection ("math" mode of the original)."""
+    """Multi-head self-attention with a fused qkv projection ("math" mode of the original). Returns
+    the output projection WITHOUT its bias: the block adds it in its gated residual."""
 
-    def __init__(self, dim, num_heads, dtype=ms.float32, enable_flash_attention=False, fused=False):
+    def __init__(self, dim, num_heads, dtype=ms.float32, enable_flash_attention=False, fused_kernels=False,
+                 recompute=False):
         super().__init__()
         assert dim % num_heads == 0, f"hidden size {dim} is not divisible by {num_heads} heads"
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
         self.qkv = Linear(dim, dim * 3, dtype)
         self.proj = Linear(dim, dim, dtype)
         self.dtype = dtype
@@ -321,96 +217,50 @@ class Attention(nn.Cell):
         self.flash = enable_flash_attention
         self.bmm_qk = ops.BatchMatMul(transpose_b=True)
         self.bmm_pv = ops.BatchMatMul()
+        cells = cpu_kernels if fused_kernels else plain_cells
+        self.softmax = cells.Softmax()
+        self.split_spatial = cells.QKVSplit(num_heads, temporal=False)
+        self.split_temporal = cells.QKVSplit(num_heads, temporal=True)
         # Under recompute, MindSpore 2.10 reports a cycle in the gradient graph when both the split
-        # and the merge kernel are in a recomputed block; Latte then merges with a transpose.
-        self.fused_merge = fused
-        if fused:
-            self.softmax = cpu_kernels.Softmax()
-            self.split_spatial = cpu_kernels.QKVSplit(num_heads, temporal=False)
-            self.split_temporal = cpu_kernels.QKVSplit(num_heads, temporal=True)
-            self.merge_spatial = cpu_kernels.HeadsMerge(num_heads, temporal=False)
-            self.merge_temporal = cpu_kernels.HeadsMerge(num_heads, temporal=True)
-        else:
-            self.softmax = _Softmax()
+        # and the merge kernel are in a recomputed block: the heads are then merged by a transpose.
+        merge_cells = plain_cells if recompute else cells
+        self.merge_spatial = merge_cells.HeadsMerge(num_heads, temporal=False)
+        self.merge_temporal = merge_cells.HeadsMerge(num_heads, temporal=True)
 
     def construct(self, x, temporal=False):
-        """x (N, F, T, D) -> (N, F, T, D). Spatial: attention over the T tokens of each frame;
+        """x (N, F, T, D) -> (N, F*T, D). Spatial: attention over the T tokens of each frame;
         temporal: over the F frames at each token position. The original rearranges x to
         (N*T, F, D) around a temporal block; permuting q, k, v instead is the same attention
         without moving x (every other op in a block is per token)."""
         n, f, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, f, t, 3, self.num_heads, self.head_dim)
-        if temporal:
-            qkv = qkv.transpose(3, 0, 2, 4, 1, 5)  # (3, N, T, H, F, hd)
-            s, l = t, f
-        else:
-            qkv = qkv.transpose(3, 0, 1, 4, 2, 5)  # (3, N, F, H, T, hd)
-            s, l = f, t
-        qkv = qkv.reshape(3, n * s, self.num_heads, l, self.head_dim)
-        q, k, v = ops.unstack(qkv, 0)  # (B, H, L, hd); indexing (StridedSlice) is 20x slower on CPU
-        if self.flash:
-            out = ops.flash_attention_score(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
-                                            self.num_heads, scalar_value=self.scale, input_layout="BNSD")
-            out = out.astype(ms.float32)
-        else:
-            # Scale whichever is smaller: q (L x hd) for long sequences, the scores (L x L) for short.
-            if l > self.head_dim:
-                q = q * self.scale
-            if self.cast:
-                q, k, v = q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype)
-            attn = self.bmm_qk(q, k).astype(ms.float32)
-            if l <= self.head_dim:
-                attn = attn * self.scale
-            attn = self.softmax(attn)  # in float32 whatever the compute dtype
-            out = self.bmm_pv(attn.astype(self.dtype), v).astype(ms.float32)
-        return self.proj(self._heads_to_tokens(out, n, temporal).reshape(n, f, t, d))
-
-    def _heads_to_tokens(self, out, n, temporal):
-        """(B, H, L, hd) attention output -> (N, F, T, H, hd), undoing the q/k/v permutation."""
-        out = out.reshape(n, -1, self.num_heads, out.shape[2], self.head_dim)
-        return out.transpose(0, 3, 1, 2, 4) if temporal else out.transpose(0, 1, 3, 2, 4)
-
-    def forward_fused(self, x, temporal=False):
-        """The fused-kernel path of `construct` (CPU, float32): x (N, F, T, D) -> the output
-        projection WITHOUT its bias, (N, F*T, D); the caller adds the bias in its gated residual."""
-        n, f, t, d = x.shape
-        qkv = _matmul_nt(x.reshape(-1, d), self.qkv.weight).reshape(n, f, t, 3 * d)
         split, merge = ((self.split_temporal, self.merge_temporal) if temporal
                         else (self.split_spatial, self.merge_spatial))
         shape_ref = ops.zeros((n, f, t, 1), ms.float32)  # a tiny constant that carries (N, F, T)
-        q, k, v = split(qkv, self.qkv.bias, shape_ref)  # (B, H, L, hd), bias added, q pre-scaled
-        out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
-        out = merge(out, shape_ref) if self.fused_merge else self._heads_to_tokens(out, n, temporal)
-        out = out.reshape(-1, d)
-        return _matmul_nt(out, self.proj.weight).reshape(n, f * t, d)
+        q, k, v = split(self.qkv.matmul(x), self.qkv.bias, shape_ref)  # (B, H, L, hd), q scaled by hd^-0.5
+        if self.flash:
+            out = ops.flash_attention_score(q.astype(self.dtype), k.astype(self.dtype), v.astype(self.dtype),
+                                            self.num_heads, scalar_value=1.0, input_layout="BNSD")
+            out = out.astype(ms.float32)
+        elif self.cast:  # matmuls in the compute dtype, the softmax in float32
+            attn = self.softmax(self.bmm_qk(q.astype(self.dtype), k.astype(self.dtype)).astype(ms.float32))
+            out = self.bmm_pv(attn.astype(self.dtype), v.astype(self.dtype)).astype(ms.float32)
+        else:
+            out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
+        return self.proj.matmul(merge(out, shape_ref)).reshape(n, f * t, d)
 
 
 class Mlp(nn.Cell):
-    """timm Mlp: fc1 -> GELU(tanh) -> fc2."""
+    """timm Mlp: fc1 -> GELU(tanh) -> fc2. Returns fc2's output WITHOUT its bias: the block adds it in
+    its gated residual."""
 
-    def __init__(self, in_features, hidden_features, dtype=ms.float32, fused=False):
+    def __init__(self, in_features, hidden_features, dtype=ms.float32, fused_kernels=False):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features, dtype)
-        self.act = cpu_kernels.BiasGELU() if fused else GELUTanh()
+        self.act = (cpu_kernels if fused_kernels else plain_cells).BiasGELU()
         self.fc2 = Linear(hidden_features, in_features, dtype)
-        self.fused = fused
 
     def construct(self, x):
-        if self.fused:
-            y = ops.bias_add(self.forward_fused(x), self.fc2.bias)
-            return y.reshape(x.shape[:-1] + (y.shape[-1],))
-        return self.fc2(self.act(self.fc1(x))[0])
-
-    def forward_fused(self, x):
-        """Fused-kernel path: x (..., D) -> fc2's output WITHOUT its bias, as 2-D rows."""
-        h = self.act(_matmul_nt(x.reshape(-1, x.shape[-1]), self.fc1.weight), self.fc1.bias)
-        return _matmul_nt(h, self.fc2.weight)
-
-
-def _modulated_norm(norm_modulate, fused, x, shift, scale):
-    """y of a NormModulate cell: the plain `_NormModulate` also returns what its backward reuses."""
-    out = norm_modulate(x, shift, scale)
-    return out if fused else out[0]
+        return self.fc2.matmul(self.act(self.fc1.matmul(x), self.fc1.bias))
 
 
 class TransformerBlock(nn.Cell):
@@ -418,57 +268,48 @@ class TransformerBlock(nn.Cell):
     spatial and the temporal blocks: only which axis of x is attended over differs."""
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, dtype=ms.float32, enable_flash_attention=False,
-                 fused=False):
+                 fused_kernels=False, recompute=False):
         super().__init__()
-        self.attn = Attention(hidden_size, num_heads, dtype, enable_flash_attention, fused)
-        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype, fused)
+        self.attn = Attention(hidden_size, num_heads, dtype, enable_flash_attention, fused_kernels, recompute)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), dtype, fused_kernels)
         # Zero-initialised: every block starts as the identity (adaLN-Zero).
         self.adaLN_modulation = nn.SequentialCell([SiLU(), Linear(hidden_size, 6 * hidden_size, dtype, Zero())])
-        self.fused = fused
-        self.norm_modulate = cpu_kernels.NormModulate() if fused else _NormModulate()
-        self.gated_residual = cpu_kernels.GatedResidual() if fused else _GatedResidual()
-
-    def norm(self, x, shift, scale):
-        return _modulated_norm(self.norm_modulate, self.fused, x, shift, scale)
+        cells = cpu_kernels if fused_kernels else plain_cells
+        self.norm_modulate = cells.NormModulate()
+        self.gated_residual = cells.GatedResidual()
+        if recompute:
+            self.recompute()
 
     def construct(self, x, c, temporal=False):
         """x (N, F, T, D); c (N, D) is the condition of each sample, shared by all of its frames
         and tokens. The original repeats c per frame or token; modulating per sample is the same
-        numbers."""
+        numbers. The attention's and the MLP's last biases are added in the gated residuals."""
         n, f, t, d = x.shape
         mod = self.adaLN_modulation(c).reshape(n, 1, 6 * d)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = ops.split(mod, d, axis=-1)
         x = x.reshape(n, f * t, d)
-        h = self.norm(x, shift_msa, scale_msa)
-        if self.fused:  # the projections' biases ride in the gated residuals
-            x = self.gated_residual(x, gate_msa, self.attn.forward_fused(h.reshape(n, f, t, d), temporal),
-                                    self.attn.proj.bias)
-            h = self.norm(x, shift_mlp, scale_mlp)
-            x = self.gated_residual(x, gate_mlp, self.mlp.forward_fused(h).reshape(n, f * t, d), self.mlp.fc2.bias)
-            return x.reshape(n, f, t, d)
-        h = self.attn(h.reshape(n, f, t, d), temporal).reshape(n, f * t, d)
-        x = self.gated_residual(x, gate_msa, h)
-        h = self.norm(x, shift_mlp, scale_mlp)
-        x = self.gated_residual(x, gate_mlp, self.mlp(h))
+        h = self.norm_modulate(x, shift_msa, scale_msa).reshape(n, f, t, d)
+        x = self.gated_residual(x, gate_msa, self.attn(h, temporal), self.attn.proj.bias)
+        h = self.norm_modulate(x, shift_mlp, scale_mlp)
+        x = self.gated_residual(x, gate_mlp, self.mlp(h), self.mlp.fc2.bias)
         return x.reshape(n, f, t, d)
 
 
 class FinalLayer(nn.Cell):
     """The final layer of Latte: adaLN-modulated LayerNorm then a Linear to patch pixels."""
 
-    def __init__(self, hidden_size, patch_size, out_channels, dtype=ms.float32, fused=False):
+    def __init__(self, hidden_size, patch_size, out_channels, dtype=ms.float32, fused_kernels=False):
         super().__init__()
         # Both zero-initialised, so a fresh model predicts exactly 0.
         self.linear = Linear(hidden_size, patch_size * patch_size * out_channels, dtype, Zero())
         self.adaLN_modulation = nn.SequentialCell([SiLU(), Linear(hidden_size, 2 * hidden_size, dtype, Zero())])
-        self.norm_modulate = cpu_kernels.NormModulate() if fused else _NormModulate()
-        self.fused = fused
+        self.norm_modulate = (cpu_kernels if fused_kernels else plain_cells).NormModulate()
 
     def construct(self, x, c):
         """x (N, F, T, D), c (N, D) -> (N, F, T, p*p*C_out)."""
         n, f, t, d = x.shape
         shift, scale = ops.split(self.adaLN_modulation(c).reshape(n, 1, 2 * d), d, axis=-1)
-        x = _modulated_norm(self.norm_modulate, self.fused, x.reshape(n, f * t, d), shift, scale)
+        x = self.norm_modulate(x.reshape(n, f * t, d), shift, scale)
         return self.linear(x).reshape(n, f, t, -1)
 
 
@@ -502,7 +343,7 @@ class Latte(nn.Cell):
         dtype=ms.float32,
         use_recompute=False,
         enable_flash_attention=False,
-        cpu_kernels=None,
+        fused_kernels=None,
     ):
         super().__init__()
         if extras not in (1, 2):
@@ -520,11 +361,11 @@ class Latte(nn.Cell):
                                  "set enable_flash_attention=False")
             if dtype == ms.float32:
                 raise ValueError("enable_flash_attention needs dtype float16 or bfloat16, not float32")
-        # The fused C++ kernels serve the CPU float32 path; None picks them whenever they apply.
-        fused_ok = device_target() == "CPU" and dtype == ms.float32 and not enable_flash_attention
-        if cpu_kernels and not fused_ok:
-            raise ValueError("cpu_kernels=True needs the CPU device and dtype float32: leave it unset")
-        self.cpu_kernels = fused = fused_ok and cpu_kernels is not False and _kernels_available()
+        # The fused C++ kernels serve the CPU float32 path; None uses them wherever they apply.
+        applies = device_target() == "CPU" and dtype == ms.float32 and not enable_flash_attention
+        if fused_kernels and not applies:
+            raise ValueError("fused_kernels=True needs the CPU device and dtype float32: leave it unset")
+        self.fused_kernels = applies and fused_kernels is not False and cpu_kernels.available()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -548,14 +389,11 @@ class Latte(nn.Cell):
         self.temp_embed = Parameter(Tensor(temp_embed[None], ms.float32), name="temp_embed", requires_grad=False)
 
         self.blocks = nn.CellList([
-            TransformerBlock(hidden_size, num_heads, mlp_ratio, dtype, enable_flash_attention, fused)
+            TransformerBlock(hidden_size, num_heads, mlp_ratio, dtype, enable_flash_attention, self.fused_kernels,
+                             use_recompute)
             for _ in range(depth)
         ])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype, fused)
-        if use_recompute:
-            for block in self.blocks:
-                block.recompute()
-                block.attn.fused_merge = False
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype, self.fused_kernels)
 
     def unpatchify(self, x):
         """(N, F, T, p*p*C) -> (N, F, C, H, W)."""
@@ -575,7 +413,7 @@ class Latte(nn.Cell):
                              f"latents, got {x.shape}: check in_channels and input_size (= image_size // 8)")
         x = self.x_embedder(x.reshape(n * f, ch, hh, ww))  # (N*F, T, D)
         t_d = x.shape[1] * x.shape[2]
-        # x + pos_embed, as a bias add over (T*D): a broadcast `+` is slow on CPU (see above)
+        # x + pos_embed, as a bias add over (T*D): a broadcast `+` is slow on CPU (see models/plain_cells.py)
         x = ops.bias_add(x.reshape(n * f, t_d), self.pos_embed.reshape(t_d)).reshape(n, f, -1, self.hidden_size)
         c = self.t_embedder(t)  # (N, D)
         if self.extras == 2:
@@ -595,9 +433,9 @@ class Latte(nn.Cell):
 
     def _add_temp_embed(self, x):
         """x (N, F, T, D) + temp_embed (1, F, D) broadcast over tokens, as a bias add over F*T*D
-        (a broadcast `+` is slow on CPU, see the top of this file)."""
+        (a broadcast `+` is slow on CPU, see models/plain_cells.py)."""
         n, f, t, d = x.shape
-        table = _expand_tokens(self.temp_embed.reshape(f, 1, d), t)  # (F, T, D)
+        table = plain_cells.expand_tokens(self.temp_embed.reshape(f, 1, d), t)  # (F, T, D)
         return ops.bias_add(x.reshape(n, f * t * d), table.reshape(-1)).reshape(n, f, t, d)
 
     def forward_with_cfg(self, x, t, y, cfg_scale):
@@ -612,10 +450,6 @@ class Latte(nn.Cell):
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = ops.cat([half_eps, half_eps], axis=0)
         return ops.cat([eps, rest], axis=2)
-
-
-def _kernels_available():
-    return cpu_kernels.available()
 
 
 #################################################################################

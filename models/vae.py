@@ -8,17 +8,18 @@ Parameter names and shapes are exactly diffusers' state-dict keys with the curre
     z = (mean + std * eps) * vae.scaling_factor    # what Latte trains on
     rec = vae.decode(z / vae.scaling_factor)       # (N, 3, H, W)
 
-Only inference is needed here (latents are cached once, frames decoded after sampling), so there is
-no KL loss and no dropout. Encoder and decoder run compiled (`ms.jit`) whatever the context mode,
+The pipeline only runs it forward (latents are cached once, frames decoded after sampling); the
+demo's small VAE is trained with it (demo/train_vae.py, which adds its reconstruction and KL losses),
+so every layer is differentiable, and there is no dropout (sd-vae-ft-mse has none). Encoder and decoder run compiled (`ms.jit`) whatever the context mode,
 one graph per input shape (each new frame count compiles once, ~20 s at sd-vae-ft-mse size);
 `micro_batch` bounds memory for long videos: on CPU an encode takes ~1.5 GB plus ~1.1 GB per 256 px
-frame in flight. On CPU, convolutions are im2col + one matmul (models/layers.py); on GPU/Ascend
+frame in flight. On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
 they are native.
 """
 import mindspore as ms
 from mindspore import nn, ops
 
-from models.layers import Conv2d, GroupNorm, Linear
+from models.vae_layers import Conv2d, GroupNorm, Linear
 
 DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 

@@ -1,14 +1,20 @@
 """The fused CPU kernels (models/cpu_kernels.cc) compute what the plain-ops layers compute, forward
 and backward, and Latte falls back to the plain path when they cannot be built."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 import mindspore as ms
 from mindspore import Tensor, ops
 
-from models import cpu_kernels
-from models.latte import GELUTanh, Latte, _GatedResidual, _NormModulate, _Softmax
+from models import cpu_kernels, plain_cells
+from models.latte import Latte
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler: fused kernels not built")
 
 SMALL = dict(input_size=8, in_channels=4, hidden_size=32, depth=2, num_heads=2)
@@ -32,26 +38,24 @@ def assert_same_fn(fused, plain, inputs, atol=2e-6):
 
 
 def test_bias_gelu_equals_bias_add_then_gelu():
-    fused, plain = cpu_kernels.BiasGELU(), GELUTanh()
     z = rand(2, 5, 24) * 3  # wide range: both tails of the sigmoid
-    assert_same_fn(fused, lambda z, b: plain(z + b)[0], (z, rand(24, seed=1)))
+    assert_same_fn(cpu_kernels.BiasGELU(), plain_cells.BiasGELU(), (z, rand(24, seed=1)))
 
 
 def test_norm_modulate_equals_layernorm_then_modulation():
-    fused, plain = cpu_kernels.NormModulate(), _NormModulate()
     x = rand(2, 7, 40) * 2 + 1
-    assert_same_fn(fused, lambda *a: plain(*a)[0], (x, rand(2, 1, 40, seed=1), rand(2, 1, 40, seed=2)))
+    assert_same_fn(cpu_kernels.NormModulate(), plain_cells.NormModulate(),
+                   (x, rand(2, 1, 40, seed=1), rand(2, 1, 40, seed=2)))
 
 
 def test_gated_residual_with_bias_equals_plain():
-    fused, plain = cpu_kernels.GatedResidual(), _GatedResidual()
-    assert_same_fn(fused, lambda x, g, z, b: plain(x, g, z + b),
+    assert_same_fn(cpu_kernels.GatedResidual(), plain_cells.GatedResidual(),
                    (rand(2, 6, 16), rand(2, 1, 16, seed=1), rand(2, 6, 16, seed=2), rand(16, seed=3)))
 
 
 def test_softmax_equals_plain_including_large_logits():
     x = rand(3, 4, 9) * 30
-    assert_same_fn(cpu_kernels.Softmax(), lambda a: _Softmax()(a), (x,))
+    assert_same_fn(cpu_kernels.Softmax(), plain_cells.Softmax(), (x,))
 
 
 @pytest.mark.parametrize("temporal", [False, True])
@@ -66,23 +70,26 @@ def test_qkv_split_and_heads_merge_are_the_attention_layouts(temporal):
         q, k, v = ops.unstack(qkv.reshape(3, -1, heads, qkv.shape[-2], hd), 0)
         return ops.stack([q * hd ** -0.5, k, v])
 
-    split = cpu_kernels.QKVSplit(heads, temporal)
-    assert_same_fn(lambda qkv, b: ops.stack(split(qkv, b, ref)), plain_split, (rand(n, f, t, 3 * d), rand(3 * d)))
+    split, plain_cell = cpu_kernels.QKVSplit(heads, temporal), plain_cells.QKVSplit(heads, temporal)
+    inputs = (rand(n, f, t, 3 * d), rand(3 * d))
+    assert_same_fn(lambda qkv, b: ops.stack(split(qkv, b, ref)), plain_split, inputs)
+    assert_same_fn(lambda qkv, b: ops.stack(plain_cell(qkv, b, ref)), plain_split, inputs)
 
     def plain_merge(o):
         o = o.reshape(n, t, heads, f, hd) if temporal else o.reshape(n, f, heads, t, hd)
         return (o.transpose(0, 3, 1, 2, 4) if temporal else o.transpose(0, 1, 3, 2, 4)).reshape(n, f, t, d)
 
-    merge = cpu_kernels.HeadsMerge(heads, temporal)
+    merge, plain_cell = cpu_kernels.HeadsMerge(heads, temporal), plain_cells.HeadsMerge(heads, temporal)
     o = rand(n * t, heads, f, hd) if temporal else rand(n * f, heads, t, hd)
     assert_same_fn(lambda o: merge(o, ref), plain_merge, (o,))
+    assert_same_fn(lambda o: plain_cell(o, ref), plain_merge, (o,))
 
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_fused_latte_equals_plain_latte_forward_and_gradients(mode):
-    plain = Latte(**SMALL, num_frames=3, extras=2, num_classes=3, cpu_kernels=False)
+    plain = Latte(**SMALL, num_frames=3, extras=2, num_classes=3, fused_kernels=False)
     fused = Latte(**SMALL, num_frames=3, extras=2, num_classes=3)
-    assert fused.cpu_kernels and not plain.cpu_kernels
+    assert fused.fused_kernels and not plain.fused_kernels
     rng = np.random.default_rng(0)
     for (name, p), (name_f, p_f) in zip(plain.parameters_and_names(), fused.parameters_and_names()):
         assert name == name_f  # same parameters: checkpoints load into either path
@@ -113,9 +120,8 @@ def test_without_a_compiler_latte_falls_back_to_plain_ops(monkeypatch, tmp_path,
         cpu_kernels.build_library()
     monkeypatch.setattr(cpu_kernels, "_library", None)
     net = Latte(**SMALL, num_frames=2)
-    assert not net.cpu_kernels and isinstance(net.blocks[0].norm_modulate, _NormModulate)
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "fused CPU kernels unavailable" in err and "no-such-compiler" in err
+    assert not net.fused_kernels and isinstance(net.blocks[0].norm_modulate, plain_cells.NormModulate)
+    assert_one_line_note(capsys, "no-such-compiler")
     assert net(rand(1, 2, 4, 8, 8), Tensor(np.array([5]))).shape == (1, 2, 8, 8, 8)
 
 
@@ -127,20 +133,113 @@ def test_compiler_error_is_one_line_and_leaves_no_partial_library(monkeypatch, t
     with pytest.raises(RuntimeError, match="failed on broken.cc") as info:
         cpu_kernels.build_library()
     assert "\n" not in str(info.value)
-    assert list((tmp_path / "kernels").iterdir()) == []
+    assert libraries(tmp_path / "kernels") == []
+
+
+# ---- building the library: cache key, lock, time limit, smoke test ------------------------------
+
+def assert_one_line_note(capsys, reason):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fused CPU kernels unavailable" in err and reason in err, err
+
+
+def libraries(folder):
+    """Every library (finished or in progress) in a kernel folder; the lock file does not count."""
+    return sorted(p.name for p in folder.iterdir() if ".so" in p.name)
+
+
+def fake_compiler(path, before_compile):
+    """A `CXX` that answers the version/target queries as g++ does and runs `before_compile` (shell)
+    before compiling with g++."""
+    path.write_text('#!/bin/sh\ncase "$*" in *--version*|*--help=target*) exec g++ "$@";; esac\n'
+                    f'{before_compile}\nexec g++ "$@"\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_library_name_differs_when_isa_flags_or_compiler_differ(monkeypatch):
+    from models import cpu_features
+
+    here = cpu_kernels.library_name("g++")
+    assert cpu_kernels.library_name("g++") == here  # stable on one machine
+    # another CPU generation that says the same "model name": the flags differ
+    monkeypatch.setattr(cpu_features, "cpu_flags", lambda: ("avx", "avx2", "fma", "sse4_2"))
+    avx2_only = cpu_kernels.library_name("g++")
+    assert avx2_only != here and "avx2" in avx2_only
+    # same flags, another compiler version or -march=native target
+    monkeypatch.setattr(cpu_features, "compiler_target", lambda c: ("g++ (GCC) 99.1", "znver9", ("-mavx2",)))
+    assert cpu_kernels.library_name("g++") not in (here, avx2_only)
+    monkeypatch.setattr(cpu_kernels, "FLAGS", cpu_kernels.FLAGS + ["-DSOMETHING"])  # the flags are keyed too
+    other_flags = cpu_kernels.library_name("g++")
+    assert other_flags not in (here, avx2_only)
+
+
+def test_concurrent_builders_compile_once(tmp_path):
+    """Two processes (say two msrun workers) that find no library: one compiles under the lock, the other
+    waits and reuses it. The compiler sleeps 2 s so the second one arrives while the first is building."""
+    count = tmp_path / "compiles"
+    env = dict(os.environ, CXX=fake_compiler(tmp_path / "cxx", f"echo run >> {count}; sleep 2"),
+               LATTE_KERNEL_DIR=str(tmp_path / "kernels"), PYTHONPATH=str(ROOT))
+    script = "from models import cpu_kernels; print(cpu_kernels.build_library())"
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    paths = [proc.communicate(timeout=600)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
+    assert paths[0] == paths[1] and Path(paths[0]).is_file()
+    assert count.read_text().splitlines() == ["run"]
+    assert libraries(tmp_path / "kernels") == [Path(paths[0]).name]
+
+
+def test_compiler_past_its_time_limit_falls_back_with_the_note(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("CXX", fake_compiler(tmp_path / "cxx", "sleep 60"))
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(cpu_kernels, "COMPILE_TIMEOUT", 1.0)
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    assert not cpu_kernels.available()
+    assert_one_line_note(capsys, "took longer than 1 s")
+    assert libraries(tmp_path / "kernels") == []
+
+
+# softmax_fwd kernels that build but must not be trusted: one computes wrong values, one executes an
+# illegal instruction (what a library built for a newer CPU does on an older one)
+BAD_SOFTMAX = {
+    "wrong result": ("off by", "for (int64_t i = 0; i < numel(ndims[0], shapes[0]); i++) y[i] = 0.5f;"),
+    "SIGILL": ("SIGILL", "__builtin_trap();"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SOFTMAX))
+def test_library_failing_its_smoke_test_falls_back_and_is_not_cached(monkeypatch, tmp_path, capsys, case):
+    reason, body = BAD_SOFTMAX[case]
+    source = tmp_path / "bad.cc"
+    source.write_text(
+        "#include <cstdint>\n"
+        "static int64_t numel(int nd, const int64_t *s) { int64_t n = 1; for (int i = 0; i < nd; i++) n *= s[i];"
+        " return n; }\n"
+        'extern "C" int softmax_fwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *,'
+        " void *) {\n  float *y = static_cast<float *>(params[1]);\n  " + body + "\n  (void)y; (void)numel;"
+        " return 0;\n}\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", source)
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path / "kernels"))
+    monkeypatch.setattr(cpu_kernels, "_library", None)
+    assert not cpu_kernels.available()
+    assert_one_line_note(capsys, reason)
+    assert libraries(tmp_path / "kernels") == []
+    with pytest.raises(RuntimeError, match=reason):  # tested again, not taken from a cache
+        cpu_kernels.build_library()
 
 
 def test_kernels_only_where_they_apply():
-    assert not Latte(**SMALL, num_frames=2, dtype=ms.float16).cpu_kernels
-    with pytest.raises(ValueError, match="cpu_kernels=True needs the CPU device and dtype float32"):
-        Latte(**SMALL, num_frames=2, dtype=ms.float16, cpu_kernels=True)
+    assert not Latte(**SMALL, num_frames=2, dtype=ms.float16).fused_kernels
+    with pytest.raises(ValueError, match="fused_kernels=True needs the CPU device and dtype float32"):
+        Latte(**SMALL, num_frames=2, dtype=ms.float16, fused_kernels=True)
 
 
 # ---- VAE layers -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, "down")])
 def test_fused_im2col_convolution_equals_plain(stride, padding):
-    from models.layers import Conv2d
+    from models.vae_layers import Conv2d
 
     fused = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul")
     plain = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul", cpu_kernels=False)
@@ -168,7 +267,7 @@ def _reference_group_norm(x, groups, gamma, beta, eps=1e-6):
 
 @pytest.mark.parametrize("then_silu, fused", [(False, True), (True, True), (False, False), (True, False)])
 def test_group_norm_and_silu_have_the_exact_gradient(then_silu, fused):
-    from models.layers import GroupNorm
+    from models.vae_layers import GroupNorm
 
     norm = GroupNorm(4, 8, cpu_kernels=None if fused else False)
     assert norm.fused == fused

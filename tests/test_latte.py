@@ -8,8 +8,8 @@ from mindspore import Tensor
 from models.checkpoint_io import read_state_dict
 from mindspore import ops
 
-from models.latte import (LATTE_MODELS, GELUTanh, Latte, TimestepEmbedder, _DenseOp, _GatedResidual,
-                          _NormModulate, _Softmax)
+from models import plain_cells
+from models.latte import LATTE_MODELS, Latte, TimestepEmbedder
 
 TINY = dict(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
             mlp_ratio=4.0, num_frames=4, learn_sigma=True)
@@ -179,11 +179,13 @@ def _layer_norm(x):
 
 
 @pytest.mark.parametrize("op,reference,shapes", [
-    (_DenseOp(), lambda x, w, b: ops.matmul(x, w.T) + b, [(7, 5), (3, 5), (3,)]),
-    (_NormModulate(), lambda x, shift, scale: _layer_norm(x) * (1 + scale) + shift, [(2, 6, 8), (2, 1, 8), (2, 1, 8)]),
-    (_GatedResidual(), lambda x, gate, y: x + gate * y, [(2, 6, 8), (2, 1, 8), (2, 6, 8)]),
-    (_Softmax(), lambda x: ops.softmax(x, axis=-1), [(2, 3, 5, 5)]),
-], ids=["dense", "norm_modulate", "gated_residual", "softmax"])
+    (plain_cells.Dense(), lambda x, w, b: ops.matmul(x, w.T) + b, [(7, 5), (3, 5), (3,)]),
+    (plain_cells.BiasAdd(), lambda z, b: z + b, [(2, 6, 8), (8,)]),
+    (plain_cells.NormModulate(), lambda x, shift, scale: _layer_norm(x) * (1 + scale) + shift,
+     [(2, 6, 8), (2, 1, 8), (2, 1, 8)]),
+    (plain_cells.GatedResidual(), lambda x, gate, z, b: x + gate * (z + b), [(2, 6, 8), (2, 1, 8), (2, 6, 8), (8,)]),
+    (plain_cells.Softmax(), lambda x: ops.softmax(x, axis=-1), [(2, 3, 5, 5)]),
+], ids=["dense", "bias_add", "norm_modulate", "gated_residual", "softmax"])
 def test_hand_written_backwards_equal_autodiff(op, reference, shapes):
     args = [rand(shape, seed=i) for i, shape in enumerate(shapes)]
     out = op(*args)
@@ -212,7 +214,7 @@ def test_gelu_is_torch_tanh_gelu_with_exact_gradient():
     expected = 0.5 * x64 * (1 + np.tanh(u))
     expected_grad = 0.5 * (1 + np.tanh(u)) + 0.5 * x64 * (1 - np.tanh(u) ** 2) * np.sqrt(2 / np.pi) * (
         1 + 3 * 0.044715 * x64 ** 2)
-    gelu = GELUTanh()
+    gelu = plain_cells.GELUTanh()
     np.testing.assert_allclose(gelu(Tensor(x))[0].asnumpy(), expected, rtol=0, atol=2e-6)
     grad = ms.grad(lambda a: gelu(a)[0].sum())(Tensor(x))
     np.testing.assert_allclose(grad.asnumpy(), expected_grad, rtol=0, atol=2e-6)
@@ -256,3 +258,14 @@ def test_flash_attention_off_ascend_is_a_clear_error():
         pytest.skip("flash attention is available here")
     with pytest.raises(ValueError, match="Ascend"):
         Latte(**SMALL, num_frames=2, dtype=ms.float16, enable_flash_attention=True)
+
+
+def test_plain_cells_take_the_same_arguments_as_the_fused_kernels():
+    """Each block has one construct: it calls whichever module's cells apply, so their calls must match."""
+    import inspect
+
+    from models import cpu_kernels
+
+    for name in ("BiasGELU", "NormModulate", "GatedResidual", "Softmax", "QKVSplit", "HeadsMerge"):
+        fused, plain = getattr(cpu_kernels, name), getattr(plain_cells, name)
+        assert inspect.signature(fused.construct) == inspect.signature(plain.construct), name

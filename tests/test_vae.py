@@ -5,7 +5,7 @@ import pytest
 from mindspore import Tensor
 
 from models.checkpoint_io import read_state_dict
-from models.layers import Conv2d, GroupNorm
+from models.vae_layers import Conv2d, GroupNorm
 from models.vae import AutoencoderKL
 
 TINY = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=32, latent_channels=4)
