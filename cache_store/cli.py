@@ -50,7 +50,11 @@ def cmd_verify(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="latte cache", description="Inspect and check a latent cache.")
+    p = argparse.ArgumentParser(
+        prog="latte cache", description="Inspect and check a latent cache.",
+        epilog="also: `latte cache stats OUT` (latent statistics, scale factor, histogram) and `latte cache "
+               "preview OUT --vae_weights VAE` (decode entries to GIF/MP4/PNG, reconstruction PSNR); "
+               "see their --help. (They live in ingest/, dispatched by latte_cli.)")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="entries by status, frames, bytes, settings, failures")
     info.add_argument("out", metavar="OUT", help="the cache folder (the ingest's --out)")
