@@ -16,11 +16,19 @@ from models.config import ConfigError, parse_config
 
 
 def with_positional(argv, key="cache_folder"):
-    """`CACHE --k v` -> `--cache_folder CACHE --k v`: the cache is positional like `latte cache info`."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-"):
-        return [f"--{key}", argv[0], *argv[1:]]
-    return argv
+    """`CACHE --k v` (or `--k v CACHE`) -> `--cache_folder CACHE --k v`: the cache is positional like
+    `latte cache info`. Every option takes one value (lists are comma-separated), so a bare token
+    where an option is due is the cache."""
+    argv, out, positional, i = list(argv), [], [], 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("-") and token not in ("-h", "--help") and "=" not in token and i + 1 < len(argv):
+            out += argv[i:i + 2]
+            i += 2
+            continue
+        (out if token.startswith("-") else positional).append(token)
+        i += 1
+    return ([f"--{key}", positional[0]] if positional else []) + out + positional[1:]
 
 
 @dataclass

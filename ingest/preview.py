@@ -1,9 +1,9 @@
 """`latte cache preview CACHE`: decode cached latents back to video with the VAE that made them.
 
     latte cache preview outputs/demo/cache --vae_weights demo/sky_vae.safetensors --num 4
-    latte cache preview CACHE --vae_weights vae.ckpt --entries clip_a clip_b --output_folder preview
+    latte cache preview CACHE --vae_weights vae.ckpt --entries clip_a,clip_b --output_folder preview
 
-For each chosen entry (`--entries ID ...`, or `--num N` spread evenly over the ok entries, in a seeded
+For each chosen entry (`--entries ID,ID,...`, or `--num N` spread evenly over the ok entries, in a seeded
 order) its posterior mean (or a posterior sample, `--latent sample`) goes through the VAE decoder in
 micro-batches and is written as `<name>.gif`, `<name>.mp4`, plus `grid.png` (rows: entries; columns:
 frames spread over the clip). Where the entry's source frames are still at the path the manifest

@@ -334,3 +334,12 @@ def test_sample_with_guidance_takes_class_names_or_indices(trained, tmp_path):
     with pytest.raises(ConfigError, match=r"class_labels 'rain' is neither a class name nor an index: its classes "
                                           r"are clouds, dusk"):
         sample_main(argv[:-1] + ["rain"])
+
+
+def test_cache_stats_takes_a_config_file_and_the_cache_after_it(cache, tmp_path):
+    config = tmp_path / "stats.yaml"
+    config.write_text(f"output: {tmp_path / 'from_config.png'}\nrecord: false\nprogress: false\n")
+    before = (cache / "zarr.json").read_bytes()
+    assert latte_cli.main(["cache", "stats", "-c", str(config), str(cache), "--chunk_frames", "5"]) == 0
+    assert (tmp_path / "from_config.png").exists()
+    assert (cache / "zarr.json").read_bytes() == before  # record: false leaves the store alone
