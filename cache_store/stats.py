@@ -152,17 +152,26 @@ def plot_histograms(stats, path, title="latent statistics"):
     for ax, key, name in ((axes[0], "hist_mean", "posterior mean"), (axes[1], "hist_sample", "posterior sample")):
         edges, hist = stats["edges"], stats[key]
         lo, hi = _shown_range(edges, hist)
-        centres = (edges[lo:hi] + edges[lo + 1:hi + 1]) / 2
+        merge = max(1, (hi - lo) // 100)  # ~100 bars across the shown range, whatever the data's spread
+        hi = lo + (hi - lo) // merge * merge
+        coarse = hist[:, lo:hi].reshape(hist.shape[0], -1, merge).sum(axis=2)
+        width = (edges[1] - edges[0]) * merge
+        centres = edges[lo:hi:merge] + width / 2
         moments = s["posterior_mean" if key == "hist_mean" else "sample"]
         for c in range(hist.shape[0]):
-            density = hist[c, lo:hi] / max(hist[c].sum(), 1) / (edges[1] - edges[0])
+            density = coarse[c] / max(hist[c].sum(), 1) / width
             ax.plot(centres, density, lw=1.2,
                     label=f"ch {c}: mean {moments['mean'][c]:.2f}, std {moments['std'][c]:.2f}")
         ax.set_title(f"{name} (unscaled)")
         ax.set_xlabel("value")
         ax.legend(fontsize=7)
     counts = stats["frame_counts"]
-    axes[2].hist(counts, bins=min(30, max(1, len(np.unique(counts)))), color="tab:gray")
+    values, freq = np.unique(counts, return_counts=True)
+    if len(values) <= 30:
+        axes[2].bar(values, freq, width=0.8 if len(values) == 1 else 0.8 * np.diff(values).min(), color="tab:gray")
+        axes[2].set_xticks(values if len(values) <= 8 else values[:: -(-len(values) // 8)])
+    else:
+        axes[2].hist(counts, bins=30, color="tab:gray")
     axes[2].set_title(f"frames per entry ({s['entries']} entries)")
     axes[2].set_xlabel("frames")
     fig.suptitle(f"{title}: scale factor for unit variance {s['scale_factor']:.5f} "

@@ -73,7 +73,7 @@ def main(argv=None):
     try:
         store = cache_store.open(cfg.cache_folder)
         stats = compute_stats(store, cfg.chunk_frames, cfg.seed, progress=cfg.progress)
-        png = plot_histograms(stats, cfg.output or store.path / "stats.png", title=str(store.path))
+        png = plot_histograms(stats, cfg.output or store.path / "stats.png", title=store.path.name)
         if cfg.record:
             record_stats(store.path, stats["summary"])
     except (ValueError, OSError) as err:

@@ -5,8 +5,8 @@
 
 For each chosen entry (`--entries ID,ID,...`, or `--num N` spread evenly over the ok entries, in a seeded
 order) its posterior mean (or a posterior sample, `--latent sample`) goes through the VAE decoder in
-micro-batches and is written as `<name>.gif`, `<name>.mp4`, plus `grid.png` (rows: entries; columns:
-frames spread over the clip). Where the entry's source frames are still at the path the manifest
+micro-batches and is written as `<name>.gif`, `<name>.mp4`, plus `grid.png` (a row per entry, with its
+source frames in the row above where they are found; columns: frames spread over the clip). Where the entry's source frames are still at the path the manifest
 recorded, they are read through the ingest's own crop and resize, the reconstruction PSNR (dB, on
 [0, 1] pixels) is printed per entry and overall, and `<name>_source_vs_decoded.gif` shows them side
 by side. A VAE whose sha256 differs from the store's `vae_sha256` is refused: other weights would
@@ -196,6 +196,7 @@ def preview(cfg):
                     result["psnr"] = psnr(se / diff.size)
                     files.append(out / f"{name}_source_vs_decoded.gif")
                     write_gif(files[-1], side_by_side(to_uint8(src), video), cfg.fps)
+                    grid.insert(len(grid) - 1, (to_uint8(src), cols))  # the source row above the decoded one
                     result["files"] = [str(f) for f in files]
         results.append(result)
     bar.close()

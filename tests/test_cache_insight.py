@@ -215,7 +215,7 @@ def test_preview_decodes_entries_and_reports_psnr_against_the_source(cache, tmp_
     assert f"overall reconstruction PSNR: {summary['psnr']:.2f} dB" in text
     from PIL import Image
     grid = Image.open(out / "grid.png")
-    assert grid.size == (2 + 4 * 34, 2 + 2 * 34)  # 2 entries x 4 frames of 32 px, 2 px gaps
+    assert grid.size == (2 + 4 * 34, 2 + 4 * 34)  # 2 x (source, decoded) rows x 4 frames of 32 px, 2 px gaps
 
 
 def test_preview_psnr_is_computed_on_what_the_vae_decodes(cache, tmp_path):
