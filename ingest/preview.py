@@ -37,7 +37,8 @@ class PreviewConfig:
     entries: List[str] = field(default_factory=list, metadata={"help": "entry ids to decode (default: --num of them)"})
     num: int = field(default=4, metadata={"help": "entries to decode when --entries is not given, spread over the store"})
     seed: int = field(default=0, metadata={"help": "seed of the entry choice and of --latent sample's noise"})
-    max_frames: int = field(default=16, metadata={"help": "first frames of each entry decoded (0: all)"})
+    max_frames: int = field(default=16, metadata={
+        "help": "first frames of each entry decoded (0: all; a decoded clip is held in memory for its GIF)"})
     latent: str = field(default="mean", metadata={
         "choices": ("mean", "sample"), "help": "decode the posterior mean, or a sample mean + std * eps"})
     micro_batch: int = field(default=8, metadata={"help": "frames per VAE decoder call (bounds memory)"})
