@@ -4,6 +4,8 @@ this file only dispatches, importing a package when its subcommand runs (MindSpo
     latte convert --kind latte --source Latte-XL-2-sky.pt --target latte_sky.ckpt
     latte ingest -c configs/ingest/sky.yaml --data_folder DIR --cache_folder OUT
     latte cache info OUT
+    latte cache stats OUT
+    latte cache preview OUT --vae_weights demo/sky_vae.safetensors
     latte train -c configs/training/sky_cache.yaml
     latte sample -c configs/inference/sky.yaml --checkpoint PATH
 """
@@ -22,10 +24,13 @@ from models.config import ConfigError  # noqa: E402  (light: yaml only)
 SUBCOMMANDS = {
     "convert": ("models.convert", "convert PyTorch Latte / VAE weights (.pt, .bin, .safetensors) to MindSpore"),
     "ingest": ("ingest.pipeline", "encode frame folders / videos with the SD VAE into a resumable latent cache"),
-    "cache": ("cache_store.cli", "inspect (info) or check (verify) a latent cache"),
+    "cache": ("cache_store.cli", "inspect (info, stats, preview) or check (verify) a latent cache"),
     "train": ("trainer.train", "train Latte on a latent cache or raw videos (resumable, data parallel)"),
     "sample": ("sampler.sample", "sample videos from a trained Latte: GIF, MP4 and a PNG grid of first frames"),
 }
+# `latte cache <sub>` commands that need more than cache_store (the VAE, or models.config's -c/--key
+# parsing): dispatched here so that cache_store, a bottom layer, never imports upward.
+CACHE_SUBCOMMANDS = {"stats": "ingest.cache_stats", "preview": "ingest.preview"}
 
 
 def _usage():
@@ -43,7 +48,11 @@ def main(argv=None):
     if name not in SUBCOMMANDS:
         print(f"latte: unknown command '{name}'; choose one of: {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
+    target = SUBCOMMANDS[name][0]
+    if name == "cache" and rest and rest[0] in CACHE_SUBCOMMANDS:
+        target, rest = CACHE_SUBCOMMANDS[rest[0]], rest[1:]
+        name = f"cache {argv[1]}"
+    module = importlib.import_module(target)
     try:
         return module.main(rest) or 0
     except ConfigError as err:  # a bad config key or value: one line, no traceback

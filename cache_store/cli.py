@@ -37,9 +37,9 @@ def cmd_info(args):
 
 
 def _kept_meta(row):
-    """What a failed row keeps of the ok row it hides: source, kind, frames and the extra meta."""
+    """What a failed row keeps of the ok row it hides: source, kind, frames, label and the extra meta."""
     meta = json.loads(row["extra"]) if row["extra"] else {}
-    meta.update({k: row[k] for k in ("source", "kind", "source_bytes", "num_frames")})
+    meta.update({k: row[k] for k in ("source", "kind", "source_bytes", "num_frames", "label") if k in row})
     return meta
 
 
@@ -61,7 +61,11 @@ def cmd_verify(args):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="latte cache", description="Inspect and check a latent cache.")
+    p = argparse.ArgumentParser(
+        prog="latte cache", description="Inspect and check a latent cache.",
+        epilog="also: `latte cache stats CACHE` (latent statistics, scale factor, histogram) and `latte cache "
+               "preview CACHE --vae_weights VAE` (decode entries to GIF/MP4/PNG, reconstruction PSNR); "
+               "see their --help.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="entries by status, frames, bytes, settings, failures")
     info.add_argument("out", metavar="CACHE", help="the cache folder (the ingest's --cache_folder)")

@@ -37,11 +37,12 @@ SCHEMA = pa.schema([
     ("encoded_at", pa.timestamp("us", tz="UTC")),
     ("writer", pa.string()),             # the writer (shard) that wrote the row
     ("extra", pa.string()),              # JSON of any other meta the ingest passed
+    ("label", pa.int64()),               # class index (settings["class_names"]); null when unlabelled
 ])
 COLUMNS = SCHEMA.names
 # Meta keys the writer maps to columns; anything else goes into `extra`. (`num_frames` is resolved
 # by the writer: the frames actually stored for ok rows.)
-META_COLUMNS = ("source", "kind", "num_frames", "source_bytes", "encode_seconds")
+META_COLUMNS = ("source", "kind", "num_frames", "source_bytes", "encode_seconds", "label")
 
 MANIFEST_DIR = "manifest"
 
@@ -63,6 +64,8 @@ def make_row(entry_id, status, writer, meta=None, reason="", location="", row_st
         "encode_seconds": float(meta.get("encode_seconds", encode_seconds)),
         "encoded_at": now_utc(), "writer": writer,
         "extra": json.dumps(extra, sort_keys=True, default=str) if extra else "",
+        # parts written before the column existed read back as null (pq.read_table with SCHEMA)
+        "label": None if meta.get("label") is None else int(meta["label"]),
     }
     assert set(row) == set(COLUMNS)
     return row

@@ -10,6 +10,8 @@
    trained by demo/train_vae.py) into a latent cache;
 3. `latte train` trains a tiny Latte (demo/train.yaml) on the cache: checkpoints, log, loss curve;
 4. `latte sample` writes GIF/MP4 videos and a PNG grid from the trained checkpoint;
+5. `latte cache stats` and `latte cache preview` look inside the cache: latent statistics, and a few
+   entries decoded back through the autoencoder with their reconstruction PSNR against the frames;
 then compares simple statistics of the samples with the data's (and with noise's) and prints where
 every output is. Each step is the real command, run as a subprocess and printed as you would type it.
 """
@@ -124,7 +126,7 @@ def compare(data, samples, seed=0):
 def prepare_out(out):
     if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
         raise SystemExit(f"demo: {out} exists and is not a demo folder; pass another --out")
-    for name in ("data", "cache", "train", "samples"):
+    for name in ("data", "cache", "train", "samples", "preview"):
         shutil.rmtree(out / name, ignore_errors=True)  # a rerun starts afresh (train refuses old checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).write_text("written by demo/run_demo.py; rerunning the demo clears this folder\n")
@@ -141,7 +143,7 @@ def run(out, quick=False, seed=0, vae=None, cpu_threads=1):
     start = time.time()
 
     data = out / "data" / "sky_train"
-    print(f"[1/4] synthetic Sky Timelapse: {s['videos']} videos x {s['clips_per_video']} clips x "
+    print(f"[1/5] synthetic Sky Timelapse: {s['videos']} videos x {s['clips_per_video']} clips x "
           f"{s['frames_per_clip']} frames of {SOURCE_SIZE[1]}x{SOURCE_SIZE[0]} px -> {data}", flush=True)
     entries = make_sky_dataset(data, num_videos=s["videos"], clips_per_video=s["clips_per_video"],
                                frames_per_clip=s["frames_per_clip"], size=SOURCE_SIZE, layout="nested", seed=seed)
@@ -149,21 +151,30 @@ def run(out, quick=False, seed=0, vae=None, cpu_threads=1):
     print(f"      {len(entries)} clip folders, {sum(entries.values())} JPEG frames, e.g. {example}/", flush=True)
 
     cache = out / "cache"
-    print("[2/4] ingest: every frame through the sky autoencoder into a latent cache", flush=True)
+    print("[2/5] ingest: every frame through the sky autoencoder into a latent cache", flush=True)
     latte("ingest", "-c", ROOT / "demo" / "ingest.yaml", "--data_folder", data, "--cache_folder", cache,
           "--vae_weights", vae, "--cpu_threads", cpu_threads)
 
     train = out / "train"
-    print("\n[3/4] train a tiny Latte on the cache", flush=True)
+    print("\n[3/5] train a tiny Latte on the cache", flush=True)
     latte("train", "-c", ROOT / "demo" / "train.yaml", "--cache_folder", cache, "--output_folder", train,
           "--train_steps", s["train_steps"], "--ckpt_every", s["train_steps"] // 2, "--seed", seed,
           "--cpu_threads", cpu_threads)
 
-    print("\n[4/4] sample videos from the trained checkpoint", flush=True)
+    print("\n[4/5] sample videos from the trained checkpoint", flush=True)
     text = latte("sample", "-c", ROOT / "configs" / "inference" / "tiny.yaml", "--checkpoint", train, "--vae", vae,
                  "--output_folder", out / "samples", "--num_samples", s["num_samples"],
                  "--sampling_steps", s["sampling_steps"], "--seed", seed, "--cpu_threads", cpu_threads, capture=True)
     samples = Path([line for line in text.splitlines() if line.startswith("samples: ")][-1][len("samples: "):])
+
+    print("\n[5/5] look inside the cache: latent statistics, and entries decoded back next to their frames",
+          flush=True)
+    latte("cache", "stats", cache, "--progress", "false")
+    preview = out / "preview"
+    text = latte("cache", "preview", cache, "--vae_weights", vae, "--num", 4, "--max_frames", 16,
+                 "--output_folder", preview, "--seed", seed, "--cpu_threads", cpu_threads, capture=True)
+    psnr = float([line for line in text.splitlines() if line.startswith("overall reconstruction PSNR: ")][-1]
+                 .split(": ")[1].split(" dB")[0])
 
     import yaml
     train_cfg = yaml.safe_load((ROOT / "demo" / "train.yaml").read_text())
@@ -172,7 +183,8 @@ def run(out, quick=False, seed=0, vae=None, cpu_threads=1):
     checkpoints = sorted((train / "checkpoints").glob("step_*.safetensors"))
     result = {"seconds": time.time() - start, "dataset": data, "cache": cache, "manifest": cache / "manifest",
               "checkpoint": checkpoints[-1], "loss_png": train / "loss.png", "log": train / "log.jsonl",
-              "samples": samples, "distance_samples": got, "distance_noise": rnd, "table": table}
+              "samples": samples, "preview": preview, "preview_psnr": psnr, "stats_png": cache / "stats.png",
+              "distance_samples": got, "distance_noise": rnd, "table": table}
     return result
 
 
@@ -189,7 +201,10 @@ def report(r):
             ("checkpoint", r["checkpoint"], "model + EMA + optimizer; resume with --resume auto"),
             ("loss curve", r["loss_png"], "training loss per step"),
             ("train log", r["log"], "one JSON line per logged step"),
-            ("samples", r["samples"], f"{len(gifs)} GIF, {len(mp4s)} MP4, grid.png of first frames, config.yaml")]
+            ("samples", r["samples"], f"{len(gifs)} GIF, {len(mp4s)} MP4, grid.png of first frames, config.yaml"),
+            ("cache stats", r["stats_png"], "latent histograms per channel; scale factor in the cache's attributes"),
+            ("cache preview", r["preview"], f"cached latents decoded back: reconstruction PSNR "
+                                            f"{r['preview_psnr']:.2f} dB; *_source_vs_decoded.gif, grid.png")]
     for name, path, what in rows:
         print(f"  {name:13} {path}\n  {'':13} ({what})")
     print(f"\nSample again: latte sample -c configs/inference/tiny.yaml --checkpoint {r['checkpoint']} "

@@ -23,6 +23,9 @@ class IngestConfig:
     frame_stride: int = field(default=1, metadata={
         "help": "encode every k-th source frame (1: all, so the cache serves any sample_stride later)"})
     min_frames: int = field(default=1, metadata={"help": "entries with fewer (strided) frames are recorded as skipped"})
+    labels: str = field(default="", metadata={
+        "help": "class labels: 'folder' (the first folder under data_folder, UCF-101 style), a CSV with "
+                "columns id,label (unlisted entries are skipped), or '' for none"})
 
     # -- the VAE ----------------------------------------------------------------------------------
     vae_weights: Optional[str] = field(default=None, metadata={
@@ -94,6 +97,9 @@ class IngestConfig:
                               f"pass --shard_index 0..{self.num_shards - 1}")
         if not self.num_shards and self.shard_index != -1:
             raise ConfigError(f"'shard_index' is {self.shard_index} but 'num_shards' is not set; pass both")
+        if self.labels and self.labels != "folder" and not self.labels.lower().endswith(".csv"):
+            raise ConfigError(f"'labels' is {self.labels!r}: use 'folder', a FILE.csv with columns id,label, "
+                              f"or '' for an unlabelled cache")
         if self.vae_weights in ("", None) and not self.allow_random_vae:
             raise ConfigError("'vae_weights' is not set: convert sd-vae-ft-mse with `latte convert --kind vae "
                               "--source diffusion_pytorch_model.bin --target sd-vae-ft-mse.ckpt` and pass "

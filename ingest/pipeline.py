@@ -461,6 +461,9 @@ class IngestJob:
 
     def _meta(self, e, source_frames, **more):
         meta = {"source": e.path, "kind": e.kind, "source_bytes": e.source_size, **more}
+        class_names = self.store.settings.get("class_names")  # --labels: the manifest's label column
+        if e.label and class_names and e.label in class_names:
+            meta["label"] = class_names.index(e.label)
         if source_frames >= 0:
             meta["source_frames"] = source_frames
         return meta
@@ -490,6 +493,9 @@ def prepare(cfg, setup_device=False, environ=None):
                          f"{cfg.data_folder}: use 0..{len(entries) - 1}")
     config, weights_id = describe_vae(cfg)
     settings = _settings(cfg, config, weights_id)
+    if cfg.labels:  # class index <-> name map in the store's settings; unlabelled entries are skipped
+        from ingest.sources import apply_labels
+        entries, settings["class_names"] = apply_labels(entries, cfg.labels)
     _check_cache_folder(cache)
     layout = {"chunk_frames": cfg.chunk_frames, "shard_frames": cfg.shard_frames, "segment_frames": cfg.segment_frames}
     if (cache / ZARR_META).exists() or (cache / MINDRECORD_META).exists():

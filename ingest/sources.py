@@ -16,6 +16,8 @@ frame that is not a regular file, a name that is not UTF-8, a folder that cannot
 found while decoding are raised by `ingest.readers` as `EntryError`. A `data_folder` that is missing,
 unreadable or holds nothing ingestible is a `ValueError` before any work.
 """
+import csv
+import dataclasses
 import errno
 import os
 import re
@@ -43,6 +45,7 @@ class Entry:
     source_size: int = 0  # bytes on disk (sum over frames for a folder)
     status: str = "ok"  # "ok", or "skipped" / "failed" when discovery already knows it cannot be read
     reason: str = ""  # why it was skipped or failed
+    label: str = ""  # class name (`latte ingest --labels`), "" when unlabelled
 
     @property
     def num_files(self):
@@ -208,3 +211,61 @@ def discover_entries(data_folder, exclude=()):
         raise ValueError(f"data_folder {root!r} holds no frame folders ({', '.join(sorted(IMAGE_EXTS))}) "
                          f"or video files ({', '.join(sorted(VIDEO_EXTS))}){found}: {hint}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Class labels (`latte ingest --labels folder|FILE.csv`)
+# ----------------------------------------------------------------------------------------------
+
+def read_label_csv(path):
+    """{entry id: class name} from a CSV with a header row holding `id` and `label` columns."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            fields = [n.strip() for n in reader.fieldnames or []]
+            if "id" not in fields or "label" not in fields:
+                raise ValueError(f"labels file {path} needs a header row with columns id,label (it has "
+                                 f"{', '.join(fields) or 'no header'}): one row per entry id, as "
+                                 f"`latte cache info` lists them")
+            reader.fieldnames = fields
+            out = {}
+            for k, row in enumerate(reader, start=2):
+                entry_id, label = (row.get("id") or "").strip(), (row.get("label") or "").strip()
+                if not entry_id or not label:
+                    raise ValueError(f"labels file {path} line {k}: empty id or label; give both or drop the line")
+                if out.get(entry_id, label) != label:
+                    raise ValueError(f"labels file {path} line {k}: entry {entry_id!r} is labelled both "
+                                     f"{out[entry_id]!r} and {label!r}; keep one")
+                out[entry_id] = label
+            return out
+    except OSError as err:
+        raise ValueError(f"labels file {path} cannot be read ({err.strerror}): pass --labels folder or an "
+                         f"existing CSV with columns id,label") from None
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"labels file {path} is not a UTF-8 CSV ({err}): save it as CSV with columns id,label") from None
+
+
+def apply_labels(entries, labels):
+    """(entries with `label` set, sorted class names). `labels`: "folder" (the class is the first folder
+    under data_folder, as in UCF-101's `<class>/<video>.avi`) or a CSV path (columns id,label). An ok
+    entry without a label becomes `skipped`, saying why; class indices follow the sorted names, so the
+    same labels give the same indices on any machine."""
+    table = None if labels == "folder" else read_label_csv(labels)
+    out = []
+    for e in entries:
+        if table is None:
+            label = e.id.split("/", 1)[0] if "/" in e.id else ""
+            why = "no class folder: under --labels folder every entry must sit in <data_folder>/<class>/"
+        else:
+            label = table.get(e.id, "")
+            why = f"no label in {labels}: add a row '{e.id},<class>' or remove the entry"
+        if not label and e.status == "ok":
+            e = dataclasses.replace(e, status="skipped", reason=why)
+        out.append(dataclasses.replace(e, label=label))
+    names = sorted({e.label for e in out if e.label and e.status == "ok"}, key=natural_key)
+    if not names:
+        raise ValueError(f"--labels {labels} gives no entry a class: "
+                         + ("put the entries in one folder per class under data_folder" if table is None
+                            else f"the ids in {labels} match none of the entries (ids are paths relative to "
+                                 f"data_folder, e.g. {entries[0].id!r})"))
+    return out, names

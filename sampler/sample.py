@@ -50,7 +50,8 @@ class SampleConfig:
     vae: str = field(default="", metadata={"help": "VAE weights (.ckpt/.safetensors from `latte convert --kind vae`)"})
     weights: str = field(default="ema", metadata={
         "choices": ("ema", "model"), "help": "which weights of a training checkpoint (a converted file holds one set)"})
-    scale_factor: float = field(default=0.18215, metadata={"help": "latents are divided by this before decoding"})
+    scale_factor: Optional[float] = field(default=None, metadata={
+        "help": "latents are divided by this before decoding (null: the checkpoint's, else SD's 0.18215)"})
     # -- the model: taken from the checkpoint when it saved its architecture, else from these --------
     model_name: Optional[str] = field(default=None, metadata={
         "choices": MODEL_NAMES, "help": "Latte variant (null: from the checkpoint)"})
@@ -67,8 +68,9 @@ class SampleConfig:
     eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic given x_T)"})
     guidance_scale: float = field(default=1.0, metadata={
         "help": "classifier-free guidance scale; > 1 needs a class-conditional model (1: off)"})
-    class_labels: List[int] = field(default_factory=list, metadata={
-        "help": "labels of the samples, cycled (class-conditional models; default: 0, 1, 2, ... cycled)"})
+    class_labels: List[str] = field(default_factory=list, metadata={
+        "help": "labels of the samples, cycled: class names the checkpoint carries, or indices "
+                "(class-conditional models; default: 0, 1, 2, ... cycled)"})
     seed: int = field(default=42, metadata={"help": "sample i uses generators seeded by (seed, i)"})
     # -- device -----------------------------------------------------------------------------------
     dtype: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16"), "help": "Latte matmul precision"})
@@ -104,9 +106,9 @@ class SampleConfig:
             raise ConfigError(f"'eta' {self.eta} applies to DDIM only: set --sample_method ddim or --eta 0")
         if self.guidance_scale < 1:
             raise ConfigError(f"'guidance_scale' is {self.guidance_scale}: use 1 (no guidance) or more")
-        if any(label < 0 for label in self.class_labels):
+        if any(str(label).lstrip("-").isdigit() and int(label) < 0 for label in self.class_labels):
             raise ConfigError(f"'class_labels' {self.class_labels} must be >= 0")
-        if not self.scale_factor > 0:
+        if self.scale_factor is not None and not self.scale_factor > 0:
             raise ConfigError(f"'scale_factor' must be > 0, got {self.scale_factor}")
         if self.dtype == "bf16" and self.device_target == "CPU":
             raise ConfigError("dtype bf16 is not supported on CPU (no bf16 matmul kernels): use dtype fp32 on CPU, "
@@ -255,6 +257,21 @@ def labels_for(cfg_labels, num_samples, num_classes):
     return [labels[i % len(labels)] for i in range(num_samples)]
 
 
+def class_indices(cfg_labels, class_names):
+    """`--class_labels` items (class names the checkpoint carries, or indices) -> ints."""
+    out = []
+    for label in cfg_labels:
+        text = str(label)
+        if class_names and text in class_names:
+            out.append(class_names.index(text))
+        elif text.isdigit():
+            out.append(int(text))
+        else:
+            known = f"its classes are {', '.join(class_names)}" if class_names else "it carries no class names"
+            raise ConfigError(f"class_labels {text!r} is neither a class name nor an index: {known}")
+    return out
+
+
 def sample_latents(net, diffusion, num_samples, seed, batch_size=0, method="ddpm", eta=0.0, guidance_scale=1.0,
                    labels=None, num_classes=0, progress=False):
     """Denoise `num_samples` videos; returns float32 latents (N, F, C, h, w) in the diffusion's scale.
@@ -359,7 +376,12 @@ def sample(cfg):
                           f"trained with class_dropout_prob 0: set --guidance_scale 1")
     if cfg.class_labels and not num_classes:
         raise ConfigError(f"class_labels given but {path} is unconditional: drop --class_labels")
-    labels = labels_for(cfg.class_labels, cfg.num_samples, num_classes) if num_classes else None
+    from models import read_metadata
+    saved = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
+    class_names = saved.get("class_names")  # a `latte train` run on a labelled cache
+    scale_factor = cfg.scale_factor or saved.get("scale_factor") or 0.18215
+    labels = labels_for(class_indices(cfg.class_labels, class_names), cfg.num_samples, num_classes) \
+        if num_classes else None
     diffusion = create_diffusion(str(cfg.sampling_steps), learn_sigma=config["learn_sigma"])
 
     image_size = config["input_size"] * vae.downscale
@@ -378,7 +400,7 @@ def sample(cfg):
     latents = sample_latents(net, diffusion, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_method, cfg.eta,
                              cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
     t2 = time.time()
-    videos = decode_latents(vae, latents, cfg.scale_factor, cfg.decode_micro_batch)
+    videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
 
     folder = make_run_folder(cfg.output_folder)
@@ -388,6 +410,8 @@ def sample(cfg):
         np.save(written[-1], latents)
     record = dataclasses.asdict(cfg)
     record["loaded"] = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
+                        "class_names": [class_names[i] for i in labels] if labels and class_names else None,
+                        "scale_factor": scale_factor,
                         "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
     with open(os.path.join(folder, "config.yaml"), "w") as f:
         yaml.safe_dump(record, f, sort_keys=False)

@@ -2,6 +2,7 @@
 `latte ingest`, `latte train`, `latte sample` as subprocesses; the sampled videos must look like the
 synthetic skies on simple statistics, far closer than noise; and the shipped autoencoder must be
 small, rebuildable from its file and reconstruct sky frames."""
+import json
 import sys
 from pathlib import Path
 
@@ -72,6 +73,14 @@ def test_demo_writes_every_output_it_reports(demo):
     assert demo["loss_png"].stat().st_size > 0 and demo["log"].stat().st_size > 0
     names = sorted(p.name for p in demo["samples"].iterdir())
     assert names == ["config.yaml", "grid.png"] + [f"sample_{i:03d}.{ext}" for i in range(8) for ext in ("gif", "mp4")]
+
+
+def test_demo_ends_with_a_preview_of_its_cache_and_its_psnr(demo):
+    summary = json.loads((demo["preview"] / "preview.json").read_text())
+    assert summary["psnr"] == pytest.approx(demo["preview_psnr"], abs=0.005)  # the printed number
+    assert demo["preview_psnr"] > 20  # the sky autoencoder measured 24.4 dB on these skies
+    assert (demo["preview"] / "grid.png").exists() and len(list(demo["preview"].glob("*_source_vs_decoded.gif"))) == 4
+    assert demo["stats_png"].exists()
 
 
 def test_demo_samples_look_like_the_synthetic_skies_not_noise(demo):

@@ -85,6 +85,9 @@ class TrainConfig:
     latent_sample: str = field(default="sample", metadata={
         "choices": ("sample", "mean"),
         "help": "sample: (mean + std*eps)*0.18215 drawn anew each time, as the original; mean: mean*0.18215"})
+    scale_factor: str = field(default="", metadata={
+        "help": "latent scale: '' the cache's recorded one (0.18215, SD's), 'auto' the unit-variance factor "
+                "`latte cache stats` recorded, or a number"})
     val_entries: int = field(default=0, metadata={"help": "entries held out for the validation loss (0: none)"})
     val_every: int = field(default=0, metadata={"help": "validation loss every N steps (0: never)"})
     val_timesteps: int = field(default=8, metadata={"help": "evenly spaced t at which each held-out clip is scored"})
@@ -97,7 +100,8 @@ class TrainConfig:
     depth: int = field(default=0, metadata={"help": "override the variant's depth (0: the variant's)"})
     num_heads: int = field(default=0, metadata={"help": "override the variant's heads (0: the variant's)"})
     num_classes: int = field(default=0, metadata={
-        "help": "0: unconditional; >0: class-conditional on the cache's label column, with label dropout"})
+        "help": "0: unconditional, or on a labelled cache (`latte ingest --labels`) its class count; >0: "
+                "class-conditional on the cache's label column, with label dropout"})
     class_dropout_prob: float = field(default=0.1, metadata={"help": "label dropout for classifier-free guidance"})
     learn_sigma: bool = True
     pretrained: str = field(default="", metadata={"help": "initial Latte weights (.ckpt/.safetensors); ema group preferred"})
@@ -181,5 +185,13 @@ class TrainConfig:
             raise ConfigError("enable_flash_attention needs dtype fp16 or bf16, not fp32")
         if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
             raise ConfigError(f"'hidden_size' {self.hidden_size} is not divisible by 'num_heads' {self.num_heads}")
+        if self.scale_factor not in ("", "auto"):
+            try:
+                ok = float(self.scale_factor) > 0
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"'scale_factor' is {self.scale_factor!r}: use '' (the cache's), 'auto' "
+                                  f"(from `latte cache stats`) or a positive number")
         if self.depth % 2:
             raise ConfigError(f"'depth' {self.depth} must be even (blocks alternate spatial and temporal)")

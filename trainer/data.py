@@ -205,6 +205,34 @@ def open_cache(folder):
     return store, rows, scale, tuple(int(s) for s in store.latent_shape)
 
 
+def resolve_scale_factor(cfg, store, recorded):
+    """--scale_factor: '' the cache's recorded one, 'auto' `latte cache stats`' unit-variance one, or a number."""
+    if cfg.scale_factor == "":
+        return recorded
+    if cfg.scale_factor != "auto":
+        return float(cfg.scale_factor)
+    stats = store.meta.get("stats")
+    if not stats or "scale_factor" not in stats:
+        raise ConfigError(f"scale_factor auto needs the statistics of {cfg.cache_folder}: run `latte cache stats "
+                          f"{cfg.cache_folder}` first (or pass a number)")
+    return float(stats["scale_factor"])
+
+
+def resolve_classes(cfg, store):
+    """The class names of a labelled cache (`latte ingest --labels`); sets cfg.num_classes from them
+    (0 means 'from the cache'), and an explicit different number is an error. None when unlabelled."""
+    names = store.settings.get("class_names")
+    if not names:
+        return None
+    if cfg.num_classes == 0:
+        cfg.num_classes = len(names)
+    elif cfg.num_classes != len(names):
+        raise ConfigError(f"num_classes is {cfg.num_classes} but {cfg.cache_folder} is labelled with "
+                          f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}): "
+                          f"set --num_classes {len(names)} or 0 (from the cache)")
+    return list(names)
+
+
 def cache_reader(store, num_frames, stride):
     def read(item, start):
         mean, std = store.read_clip(item.id, start, num_frames, stride=stride)
@@ -250,8 +278,11 @@ class TrainData:
     def __init__(self, cfg, rank=0, world=1, say=print):
         self.cfg = cfg
         self.vae = None
+        self.class_names = None
         if cfg.data_source == "cache":
             self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder)
+            self.scale = resolve_scale_factor(cfg, self.store, self.scale)
+            self.class_names = resolve_classes(cfg, self.store)
             read = cache_reader(self.store, cfg.num_frames, cfg.sample_stride)
             where = cfg.cache_folder
         else:

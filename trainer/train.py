@@ -169,8 +169,11 @@ def _save(cfg, net, step_fn, data, step, draw, scaler, net_config, final):
              "rng": {"seed": cfg.seed, "scheme": "numpy default_rng keyed by (seed, stream, rank, step or draw)"},
              "loss_scale": scaler.state()}
     path = ckpt.checkpoint_path(cfg.output_folder, step)
-    ckpt.save(path, tensors, state, dataclasses.asdict(cfg), {"kind": "latte", "config": net_config,
-                                                              "variant": cfg.model_name})
+    net_meta = {"kind": "latte", "config": net_config, "variant": cfg.model_name,
+                "scale_factor": data.scale}  # what `latte sample` divides by
+    if data.class_names:
+        net_meta["class_names"] = data.class_names  # `latte sample --class_labels` takes these names
+    ckpt.save(path, tensors, state, dataclasses.asdict(cfg), net_meta)
     ckpt.prune(cfg.output_folder, cfg.keep_checkpoints)
     plot_losses(read_log(os.path.join(cfg.output_folder, "log.jsonl")), os.path.join(cfg.output_folder, PLOT_NAME))
     return path
