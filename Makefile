@@ -15,8 +15,13 @@ install: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 
+# The fast tier for development: everything but the end-to-end runs marked `slow` (whole commands in
+# subprocesses, minutes each). `make test` still runs everything.
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest tests -m "not slow"
+
 # The whole product on synthetic sky videos: data -> latte ingest -> latte train -> latte sample.
 demo: $(VENV)/.installed
 	$(PY) demo/run_demo.py
 
-.PHONY: install test demo
+.PHONY: install test test-fast demo

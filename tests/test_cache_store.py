@@ -340,13 +340,14 @@ def test_sigkill_at_any_point_leaves_ok_rows_readable_and_resume_completes(tmp_p
 
 def test_sigkill_at_a_random_moment(tmp_path):
     import time
+    from conftest import random_kill_delay  # here: the writer subprocesses import this module
 
     out = tmp_path / "c"
     proc = run_writer(tmp_path, out, "zarr", n=400, background=True)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600  # a bound for a writer that never commits, not a speed
     while not list(out.glob("manifest/*.parquet")) and time.monotonic() < deadline:
         time.sleep(0.01)  # wait for the first commit, then kill at an arbitrary later instant
-    time.sleep(np.random.default_rng().uniform(0, 0.3))
+    time.sleep(random_kill_delay(0, 0.3))
     proc.kill()
     assert proc.wait() == -9  # 400 entries take seconds: it was killed mid-run
     store = cache_store.open(out)

@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "demo"))
 
 import run_demo  # noqa: E402
 from run_demo import video_stats  # noqa: E402
+from conftest import assert_f32_close  # noqa: E402
 
 VAE = ROOT / "demo" / "sky_vae.safetensors"
 
@@ -54,7 +55,7 @@ def test_video_stats_measure_colour_vertical_gradient_and_motion():
     video[..., 2] = 90
     video[..., 0] = (np.arange(16) * 16)[None, None, :, None]  # red rises by 1/16 per row: brightness 1/3 of it
     stats = video_stats(video)
-    np.testing.assert_allclose(stats["colour_means"], [120 / 255, 0, 90 / 255], atol=1e-6)
+    assert_f32_close(stats["colour_means"], [120 / 255, 0, 90 / 255])
     assert stats["vertical_gradient"][0] == pytest.approx(16 * 16 / 255 / 3, rel=1e-4)  # per frame height
     assert stats["frame_change"][0] == 0
     video[:, 1::2] = 255 - video[:, 1::2]  # every other frame inverted
@@ -66,6 +67,7 @@ def demo(tmp_path_factory):
     return run_demo.run(tmp_path_factory.mktemp("demo") / "out", quick=True, seed=0)
 
 
+@pytest.mark.slow
 def test_demo_writes_every_output_it_reports(demo):
     assert len(list(demo["dataset"].rglob("*.jpg"))) == 8 * 2 * 24  # quick: 8 videos x 2 clips x 24 frames
     assert (demo["manifest"]).is_dir() and any(demo["manifest"].iterdir())
@@ -75,6 +77,7 @@ def test_demo_writes_every_output_it_reports(demo):
     assert names == ["config.yaml", "grid.png"] + [f"sample_{i:03d}.{ext}" for i in range(8) for ext in ("gif", "mp4")]
 
 
+@pytest.mark.slow
 def test_demo_ends_with_a_preview_of_its_cache_and_its_psnr(demo):
     summary = json.loads((demo["preview"] / "preview.json").read_text())
     assert summary["psnr"] == pytest.approx(demo["preview_psnr"], abs=0.005)  # the printed number
@@ -83,6 +86,7 @@ def test_demo_ends_with_a_preview_of_its_cache_and_its_psnr(demo):
     assert demo["stats_png"].exists()
 
 
+@pytest.mark.slow
 def test_demo_samples_look_like_the_synthetic_skies_not_noise(demo):
     got, noise = demo["distance_samples"], demo["distance_noise"]
     print(demo["table"])

@@ -6,6 +6,7 @@ import pytest
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from conftest import assert_f32_close, load_strict
 from models.diffusion import create_diffusion, space_timesteps
 
 SHAPE = (2, 2, 4, 4, 4)  # (N, F, C, H, W) for the stand-in model
@@ -57,17 +58,13 @@ def latte_tiny(oracle_dir):
 
     net = Latte(input_size=16, patch_size=2, in_channels=4, hidden_size=64, depth=4, num_heads=4,
                 mlp_ratio=4, num_frames=4, learn_sigma=True, extras=1)
-    state = read_state_dict(oracle_dir / "latte_tiny_uncond.pt")
-    params = net.parameters_dict()
-    assert set(params) == set(state)
-    for name, value in state.items():
-        assert tuple(params[name].shape) == value.shape, name
-        params[name].set_data(Tensor(value.astype(np.float32)))
+    load_strict(net, read_state_dict(oracle_dir / "latte_tiny_uncond.pt"))
     net.set_train(False)
     return net
 
 
 def _assert_close(actual, expected, atol=1e-5, rtol=0.0):
+    """Parity with the oracle: the documented absolute bound (1e-5 on eps-sized values)."""
     actual = actual.asnumpy() if isinstance(actual, Tensor) else np.asarray(actual)
     np.testing.assert_allclose(actual, expected, atol=atol, rtol=rtol)
 
@@ -186,12 +183,12 @@ def test_vb_is_the_decoder_nll_at_t0_and_kl_elsewhere():
     out = d.p_mean_variance(net, x_t, t, clip_denoised=False)
     expected = _np_decoder_nll_bits(x0.asnumpy(), out["mean"].asnumpy(), out["log_variance"].asnumpy())
     _assert_close(terms["vb"], expected, atol=2e-5)
-    _assert_close(terms["loss"], terms["mse"].asnumpy() + terms["vb"].asnumpy())
+    assert_f32_close(terms["loss"], terms["mse"].asnumpy() + terms["vb"].asnumpy(), ulps=4)
     # At t > 0 the term is the KL (compared with the original in test_training_losses_match_original).
     t = Tensor(np.array([5, 700], np.int32))
     terms = d.training_losses(net, x0, t, noise=noise)
     assert (terms["vb"].asnumpy() > 0).all()
-    _assert_close(terms["mse"], ((noise.asnumpy() - net(d.q_sample(x0, t, noise), t).asnumpy()[:, :, :4]) ** 2)
+    assert_f32_close(terms["mse"], ((noise.asnumpy() - net(d.q_sample(x0, t, noise), t).asnumpy()[:, :, :4]) ** 2)
                   .reshape(2, -1).mean(1))
 
 
@@ -215,10 +212,10 @@ def test_training_losses_in_graph_mode_equal_pynative():
     grad_fn = ms.value_and_grad(loss_fn, None, net.trainable_params(), has_aux=True)
     (loss_py, vb_py), grads_py = grad_fn(x0, t, noise)
     (loss_graph, vb_graph), grads_graph = ms.jit(grad_fn)(x0, t, noise)
-    _assert_close(loss_graph, loss_py.asnumpy(), atol=1e-6)
-    _assert_close(vb_graph, vb_py.asnumpy(), atol=1e-6)
+    assert_f32_close(loss_graph, loss_py)
+    assert_f32_close(vb_graph, vb_py)
     for a, b in zip(grads_graph, grads_py):
-        _assert_close(a, b.asnumpy(), atol=1e-6)
+        assert_f32_close(a, b, ulps=256)  # graph mode fuses and reorders the backward
 
 
 def test_fixed_variance_diffusion_trains_on_mse_only():
@@ -227,10 +224,10 @@ def test_fixed_variance_diffusion_trains_on_mse_only():
     x0, noise, t = _randn(SHAPE, 9), _randn(SHAPE, 10), Tensor(np.array([1, 999], np.int32))
     terms = d.training_losses(eps_only, x0, t, noise=noise)
     assert "vb" not in terms
-    _assert_close(terms["loss"], terms["mse"].asnumpy())
+    np.testing.assert_array_equal(terms["loss"].asnumpy(), terms["mse"].asnumpy())  # loss is mse itself
     out = d.p_mean_variance(eps_only, x0, t, clip_denoised=False)
     assert out["variance"].shape == SHAPE
-    _assert_close(out["variance"][:, 0, 0, 0, 0], [d.betas[1], d.betas[999]], atol=1e-9)
+    assert_f32_close(out["variance"][:, 0, 0, 0, 0], [d.betas[1], d.betas[999]], ulps=1, scale=0)  # a cast
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +253,7 @@ def test_cond_fn_gradient_shifts_the_ddpm_mean_by_the_variance():
 
     out = d.p_mean_variance(net, x, _steps(0, 2), clip_denoised=False)
     guided = d.p_sample(net, x, _steps(0, 2), clip_denoised=False, cond_fn=cond_fn)["sample"]
-    _assert_close(guided, (out["mean"] + 0.5 * out["variance"]).asnumpy(), atol=1e-6)
+    assert_f32_close(guided, out["mean"] + 0.5 * out["variance"], ulps=4)
     ddim = d.ddim_sample(net, x, _steps(9, 2), clip_denoised=False, cond_fn=cond_fn)["sample"]
     plain = d.ddim_sample(net, x, _steps(9, 2), clip_denoised=False)["sample"]
     assert np.abs((ddim - plain).asnumpy()).max() > 1e-4
@@ -295,18 +292,18 @@ def test_per_sample_rng_makes_a_sample_independent_of_the_batch():
                            rng=[np.random.default_rng(s) for s in (10, 11)]).asnumpy()
     alone = d.p_sample_loop(net, (1,) + SHAPE[1:], clip_denoised=False,
                             rng=[np.random.default_rng(11)]).asnumpy()
-    np.testing.assert_allclose(alone[0], pair[1], atol=1e-6)
+    assert_f32_close(alone[0], pair[1])
     ddim_pair = d.ddim_sample_loop(net, SHAPE, clip_denoised=False, eta=0.5,
                                    rng=[np.random.default_rng(s) for s in (10, 11)]).asnumpy()
     ddim_alone = d.ddim_sample_loop(net, (1,) + SHAPE[1:], clip_denoised=False, eta=0.5,
                                     rng=[np.random.default_rng(10)]).asnumpy()
-    np.testing.assert_allclose(ddim_alone[0], ddim_pair[0], atol=1e-6)
+    assert_f32_close(ddim_alone[0], ddim_pair[0])
 
 
 def test_guidance_batch_gets_the_same_noise_in_both_halves():
     d, net = create_diffusion("3"), StandIn()
     out = d.p_sample_loop(net, SHAPE, clip_denoised=False, rng=[np.random.default_rng(0)]).asnumpy()
-    np.testing.assert_array_equal(out[0], out[1])
+    assert_f32_close(out[0], out[1])  # two rows of one batch: BLAS may block them apart
     with pytest.raises(ValueError, match="3 generators"):
         d.p_sample_loop(net, SHAPE, rng=[np.random.default_rng(s) for s in range(3)])
 

@@ -23,7 +23,8 @@ from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig, global_batch, batch
 from trainer.data import ClipSource, DataError, DrawOrder, Item, make_loader, plan_items
 from trainer.logs import plot_losses, read_log
 from trainer.optim import EMA, AdamW, LossScaler, clip_coefficient, learning_rate_at
-from trainer.synthetic import make_latent_cache
+from conftest import assert_f32_close
+from latent_cache import make_latent_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "training" / "tiny_cache.yaml")
@@ -391,8 +392,8 @@ def test_gradient_accumulation_of_k_micro_batches_equals_one_k_times_larger_batc
     for stats, w, e in results[1:]:
         np.testing.assert_allclose([s[:4] for s in stats], [s[:4] for s in stats1], rtol=2e-5)
         for name in w1:
-            np.testing.assert_allclose(w[name], w1[name], rtol=1e-4, atol=1e-7, err_msg=name)
-        np.testing.assert_allclose(e, e1, rtol=1e-4, atol=1e-7)
+            assert_f32_close(w[name], w1[name], ulps=1024, err_msg=name)  # Adam passes gradient rounding on
+        assert_f32_close(e, e1, ulps=1024)
     assert stats1[0][3] > 0.05  # the clip actually engaged
 
 
@@ -444,6 +445,7 @@ def _kill_and_resume(common, cut):
     assert "resumed from" in resumed.stderr and "step_0000050" in resumed.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_equals_uninterrupted_run_and_tiny_model_learns(cache, tmp_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     common = ["--cache_folder", cache, "--ckpt_every", 50, "--keep_checkpoints", 10]
@@ -485,6 +487,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run_and_tiny_model_learns(cac
     load_weights(net, ckpt.checkpoint_path(ref, 100), group="ema")
 
 
+@pytest.mark.slow
 def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
     out = tmp_path / "dp"
     port = 20000 + os.getpid() % 20000
@@ -505,6 +508,7 @@ def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
     assert sorted(os.listdir(out / "checkpoints")) == ["step_0000003.safetensors", "step_0000006.safetensors"]
 
 
+@pytest.mark.slow
 def test_training_from_raw_videos_encodes_frames_with_the_vae(tmp_path):
     from ingest.synthetic import make_sky_dataset
     from models.convert import save_weights

@@ -9,7 +9,6 @@ parallelism (msrun).
 - trainer.checkpoint  atomic, checksummed checkpoints; `--resume auto` finds the newest valid one
 - trainer.logs        log.jsonl and the loss-curve PNG
 - trainer.train       the loop and `main(argv)` (the `latte train` subcommand)
-- trainer.synthetic   a small synthetic latent cache for tests and demos
 
 Modules are imported on use: `latte --help` must not wait for MindSpore.
 """

@@ -1,4 +1,4 @@
-"""A small synthetic latent cache for tests, the demo and the benchmark.
+"""A small synthetic latent cache for the trainer's tests (nothing in the product uses it).
 
 Each entry is a moving sinusoidal pattern (one spatial frequency and phase per entry, drifting over
 frames, shifted per channel) scaled like SD latents (|mean| up to 5, std 0.2): structured enough that
