@@ -19,6 +19,10 @@ hold every committed row unchanged. Shards are fsynced before the manifest that 
 replaced (see store.Writer). Rows past the last committed entry are garbage that the next run of
 the same writer overwrites: that is how a half-written entry gets redone.
 
+At a URL (fs.py) the store is zarr's FsspecStore: a shard object is replaced by one PUT, which S3
+makes atomic, so the same argument holds without renames or fsyncs; `read` fetches the shard index
+and the chunks with ranged GETs.
+
 Reads: `read` parses the shard index and chunks directly (the sharding format is four fields), about
 4x faster than going through zarr's async machinery for a 16-frame clip; it is used only when the
 array metadata is exactly the layout written here. `read_reference` reads through zarr and is what
@@ -33,6 +37,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
+from .fs import resolve
 from .manifest import CorruptEntryError, fsync_dir, fsync_file
 
 LATENTS_DIR = "latents"
@@ -47,22 +52,28 @@ class ZarrWriter:
     """Appends the entries of one writer to `latents/<name>`; see the module docstring."""
 
     def __init__(self, root, meta, name, committed_rows):
-        self.root = Path(root)
+        self.loc = resolve(root)
+        self.root = self.loc.path if self.loc.local else None
         self.location = f"{LATENTS_DIR}/{name}"
         self.S = meta["layout"]["shard_frames"]
         self.frame_shape = (2, *meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
         self.tail = max((r["row_start"] + r["num_frames"] for r in committed_rows.values()
                          if r["status"] == "ok" and r["location"] == self.location), default=0)
-        folder = self.root / self.location
-        for p in folder.rglob("*.partial"):  # temp files of a write that was killed
-            p.unlink(missing_ok=True)
-        if (folder / "zarr.json").exists():
-            self.array = zarr.open_array(LocalStore(self.root), path=self.location, mode="r+")
+        if self.loc.local:
+            folder = self.root / self.location
+            for p in folder.rglob("*.partial"):  # temp files of a write that was killed
+                p.unlink(missing_ok=True)
+            exists, zstore = (folder / "zarr.json").exists(), LocalStore(self.root)
+        else:
+            exists, zstore = self.loc.exists(f"{self.location}/zarr.json"), self.loc.zarr_store()
+        if exists:
+            self.array = self.loc.call(self.location, zarr.open_array, zstore, path=self.location, mode="r+")
         else:
             fs, cf = self.frame_shape, meta["layout"]["chunk_frames"]
-            self.array = zarr.create_array(
-                LocalStore(self.root), name=self.location, shape=(0, *fs), dtype=self.dtype,
+            self.array = self.loc.call(
+                self.location, zarr.create_array,
+                zstore, name=self.location, shape=(0, *fs), dtype=self.dtype,
                 chunks=(cf, *fs), shards=(self.S, *fs), serializer=BytesCodec(),
                 compressors=[Crc32cCodec()],  # latents barely compress; a checksum is worth more
                 fill_value=0, config={"write_empty_chunks": True})
@@ -75,10 +86,18 @@ class ZarrWriter:
         self.buf = np.zeros((self.S, *self.frame_shape), self.dtype)
         n = self.tail - shard * self.S
         if n > 0:
-            self.buf[:n] = self.array[shard * self.S: self.tail]
+            self.buf[:n] = self.loc.call(self.location, self.array.__getitem__, slice(shard * self.S, self.tail))
         self.dirty = False
 
     def _write_shard(self):
+        if not self.loc.local:  # one PUT per object, atomic; returns once S3 has it (no fsync there)
+            s0 = self.shard * self.S
+            if self.array.shape[0] < s0 + self.S:
+                self.loc.call(self.location, self.array.resize, (s0 + self.S, *self.frame_shape))
+            self.loc.call(f"{self.location}/{_shard_key(self.shard)}", self.array.__setitem__,
+                          slice(s0, s0 + self.S), self.buf)
+            self.dirty = False
+            return
         s0 = self.shard * self.S
         if self.array.shape[0] < s0 + self.S:
             self.array.resize((s0 + self.S, *self.frame_shape))
@@ -128,9 +147,31 @@ class ZarrWriter:
         pass
 
 
+class _RangeFile:
+    """The seek/read subset `_read_index` and `_read_chunk` use, as ranged GETs of one object."""
+
+    def __init__(self, loc, rel):
+        self.loc, self.rel, self.pos = loc, rel, 0
+
+    def seek(self, offset, whence=0):
+        self.pos = offset if whence == 0 else ("end", offset)
+
+    def read(self, n):
+        if isinstance(self.pos, tuple):
+            return self.loc.cat_range(self.rel, self.pos[1])  # suffix range: the last -offset bytes
+        return self.loc.cat_range(self.rel, self.pos, self.pos + n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 class ZarrReader:
     def __init__(self, root, meta):
-        self.root = Path(root)
+        self.loc = resolve(root)
+        self.root = self.loc.path if self.loc.local else None
         self.frame_shape = (2, *meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
         self._fast = {}  # location -> (shard_frames, chunk_frames), or None to go through zarr
@@ -144,9 +185,10 @@ class ZarrReader:
         if location not in self._fast:
             self._fast[location] = None
             try:
-                m = json.loads((self.root / location / "zarr.json").read_text())
+                m = json.loads((self.root / location / "zarr.json").read_text() if self.loc.local
+                               else self.loc.cat(f"{location}/zarr.json"))
             except (OSError, ValueError) as e:
-                raise CorruptEntryError(f"{self.root / location}: array metadata unreadable ({e})")
+                raise CorruptEntryError(f"{self.loc.display(location)}: array metadata unreadable ({e})")
             fs = list(self.frame_shape)
             little = {"name": "bytes", "configuration": {"endian": "little"}}
             codecs = m.get("codecs", [{}])
@@ -172,19 +214,25 @@ class ZarrReader:
             try:
                 return a.get_orthogonal_selection((np.asarray(rows),))
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
-                raise CorruptEntryError(f"{self.root / location}: {type(e).__name__}: {e}") from e
+                raise CorruptEntryError(f"{self.loc.display(location)}: {type(e).__name__}: {e}") from e
         S, cf = layout
         per_shard = S // cf
         out = np.empty((len(rows), *self.frame_shape), self.dtype)
         chunk_of = rows // cf
         for s in np.unique(rows // S):
-            path = self.root / location / _shard_key(int(s))
-            try:
-                f = open(path, "rb")
-            except OSError as e:
-                raise CorruptEntryError(f"{path}: shard file missing ({e.strerror})") from e
+            path = self.loc.display(f"{location}/{_shard_key(int(s))}")
+            if not self.loc.local:  # ranged GETs; a missing object shows up at the first one
+                f = _RangeFile(self.loc, f"{location}/{_shard_key(int(s))}")
+            else:
+                try:
+                    f = open(path, "rb")
+                except OSError as e:
+                    raise CorruptEntryError(f"{path}: shard file missing ({e.strerror})") from e
             with f:
-                index = _read_index(f, per_shard, path)
+                try:
+                    index = _read_index(f, per_shard, path)
+                except FileNotFoundError as e:  # remote: the object is gone
+                    raise CorruptEntryError(f"{path}: shard file missing") from e
                 for k in np.unique(chunk_of[rows // S == s]):
                     off, nbytes = index[k - s * per_shard]
                     if off == _MISSING:
@@ -200,9 +248,10 @@ class ZarrReader:
         a = self._arrays.get(location)
         if a is None or a.shape[0] < rows:
             try:
-                a = zarr.open_array(LocalStore(self.root, read_only=True), path=location, mode="r")
+                zstore = LocalStore(self.root, read_only=True) if self.loc.local else self.loc.zarr_store(True)
+                a = zarr.open_array(zstore, path=location, mode="r")
             except Exception as e:  # noqa: BLE001
-                raise CorruptEntryError(f"{self.root / location}: cannot open array ({e})") from e
+                raise CorruptEntryError(f"{self.loc.display(location)}: cannot open array ({e})") from e
             self._arrays[location] = a
         return a
 
@@ -211,15 +260,16 @@ class ZarrReader:
         a = self._open(location, r1)
         per_file = (a.shards or a.chunks)[0]
         for s in range(r0 // per_file, (r1 - 1) // per_file + 1):
-            if not (self.root / location / _shard_key(s)).exists():  # zarr would return zeros
-                raise CorruptEntryError(f"{self.root / location / _shard_key(s)}: shard file missing")
+            key = f"{location}/{_shard_key(s)}"
+            if not ((self.root / key).exists() if self.loc.local else self.loc.exists(key)):  # zarr: zeros
+                raise CorruptEntryError(f"{self.loc.display(key)}: shard file missing")
         if r1 > a.shape[0]:
-            raise CorruptEntryError(f"{self.root / location}: rows {r0}..{r1} are past the array "
+            raise CorruptEntryError(f"{self.loc.display(location)}: rows {r0}..{r1} are past the array "
                                     f"end {a.shape[0]}")
         try:
             return a[r0:r1]
         except Exception as e:  # noqa: BLE001
-            raise CorruptEntryError(f"{self.root / location}: {type(e).__name__}: {e}") from e
+            raise CorruptEntryError(f"{self.loc.display(location)}: {type(e).__name__}: {e}") from e
 
 
 def _read_index(f, per_shard, path):
