@@ -167,15 +167,16 @@ def make_loader(source, start_draw, num_draws, batch_size, num_workers=2, chunk_
 # the two sources of clips
 # ------------------------------------------------------------------------------------------------
 
-def open_cache(folder):
-    """(store, manifest rows, scale factor, latent shape (C, h, w)) of a `latte ingest` cache."""
+def open_cache(folder, endpoint_url=None):
+    """(store, manifest rows, scale factor, latent shape (C, h, w)) of a `latte ingest` cache (a folder
+    or a URL; `endpoint_url` for S3-compatible services)."""
     import cache_store
 
     try:
-        store = cache_store.open(folder)
-    except (FileNotFoundError, ValueError) as err:
+        store = cache_store.open(folder, endpoint_url or None)
+        rows = store.entries().to_pylist()
+    except (OSError, ValueError) as err:  # incl. cache_store.fs.StorageError (unreachable store)
         raise DataError(f"cannot open the latent cache {folder}: {err}") from None
-    rows = store.entries().to_pylist()
     scale = float(store.settings.get("scale_factor", 0.18215))
     return store, rows, scale, tuple(int(s) for s in store.latent_shape)
 
@@ -226,7 +227,8 @@ class TrainData:
         self.cfg = cfg
         self.vae = None
         if cfg.data_source == "cache":
-            self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder)
+            self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder,
+                                                                        getattr(cfg, "s3_endpoint_url", ""))
             read = cache_reader(self.store, cfg.num_frames, cfg.sample_stride)
             where = cfg.cache_folder
         else:
