@@ -17,6 +17,7 @@ AWS_SESSION_TOKEN / AWS_PROFILE / AWS_REGION, ~/.aws/config); the endpoint from 
 AWS_ENDPOINT_URL. Every call has bounded timeouts and retries, and every failure comes out as one
 `StorageError` line that names the URL and the likely fix, never a key or a secret.
 """
+import atexit
 import json
 import os
 import socket
@@ -236,7 +237,23 @@ class Location:
 
         if self._async_fs is None:
             self._async_fs = self._make_fs(asynchronous=True)
+            atexit.register(_close_async, self._async_fs)
         return FsspecStore(self._async_fs, path=self.root, read_only=read_only)
+
+
+def _close_async(fs):
+    """Close the async twin's HTTP session on zarr's event loop before that loop stops (else aiohttp
+    prints 'Unclosed client session' at exit)."""
+    client = getattr(fs, "_s3", None)
+    close = getattr(type(fs), "close_session", None)
+    if client is None or close is None:
+        return
+    try:
+        from zarr.core.sync import _get_loop
+
+        close(_get_loop(), client)
+    except Exception:  # noqa: BLE001 - best effort at interpreter exit
+        pass
 
 
 # ------------------------------------------------------------------------------------------------
