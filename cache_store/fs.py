@@ -24,8 +24,16 @@ import socket
 import time
 from pathlib import Path
 
-# Bounded: a dead endpoint fails in seconds, a stalled one within READ_TIMEOUT x attempts.
-CONNECT_TIMEOUT, READ_TIMEOUT, MAX_ATTEMPTS = 5, 60, 3
+# Bounded: a refused connection fails in about a second, a black-holed endpoint in CONNECT_TIMEOUT x
+# MAX_ATTEMPTS, one that accepts and never answers in READ_TIMEOUT x MAX_ATTEMPTS x S3FS_RETRIES (2 min).
+# LATTE_S3_CONNECT_TIMEOUT / LATTE_S3_READ_TIMEOUT (seconds) override the two timeouts.
+MAX_ATTEMPTS, S3FS_RETRIES = 3, 2
+
+
+def _timeouts():
+    return (float(os.environ.get("LATTE_S3_CONNECT_TIMEOUT", 5)), float(os.environ.get("LATTE_S3_READ_TIMEOUT", 20)))
+
+
 EXTRAS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", None), "gcs": ("gcsfs", None),
           "az": ("adlfs", None), "abfs": ("adlfs", None)}
 
@@ -89,8 +97,9 @@ class Location:
     def _options(self):
         if self.protocol not in ("s3", "s3a"):
             return {}
+        connect, read = _timeouts()
         return {"client_kwargs": {"endpoint_url": self.endpoint_url} if self.endpoint_url else {},
-                "config_kwargs": {"connect_timeout": CONNECT_TIMEOUT, "read_timeout": READ_TIMEOUT,
+                "config_kwargs": {"connect_timeout": connect, "read_timeout": read,
                                   "retries": {"max_attempts": MAX_ATTEMPTS, "mode": "standard"}},
                 "use_listings_cache": False}
 
@@ -108,7 +117,10 @@ class Location:
         opts = self._options()
         if asynchronous:
             opts = {**opts, "asynchronous": True, "skip_instance_cache": True}
-        return cls(**opts)
+        fs = cls(**opts)
+        if hasattr(fs, "retries"):
+            fs.retries = S3FS_RETRIES  # s3fs's own retry loop, on top of botocore's attempts
+        return fs
 
     # -- naming -------------------------------------------------------------------------------
     def __str__(self):
@@ -135,7 +147,8 @@ class Location:
         where = self.display(rel)
         name = type(err).__name__
         text = str(err).splitlines()[0] if str(err).strip() else name
-        code = getattr(err, "response", {}).get("Error", {}).get("Code", "") if hasattr(err, "response") else ""
+        response = getattr(err, "response", None)
+        code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
         ep = f" at {_strip_userinfo(self.endpoint_url)}" if self.endpoint_url else ""
         if "NoSuchBucket" in (code + text) or (isinstance(err, FileNotFoundError) and not rel):
             return f"{where}: bucket {self.root.split('/')[0]!r} does not exist{ep}; create it or fix the URL"

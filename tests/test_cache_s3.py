@@ -271,6 +271,30 @@ def test_bad_bucket_endpoint_and_scheme_are_one_line_errors(s3, capsys):
         assert "secret" not in err[0] and time.monotonic() - t0 < 60, (argv, err)
 
 
+def test_a_server_that_never_answers_is_a_one_line_error_within_the_timeouts(s3, monkeypatch, capsys):
+    """A socket that accepts connections (the kernel's backlog) and never replies: bounded by the read
+    timeout x attempts, never a hang."""
+    monkeypatch.setenv("LATTE_S3_READ_TIMEOUT", "0.5")
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(16)
+        t0 = time.monotonic()
+        assert cli.main(["info", "s3://lake/c", "--s3_endpoint_url", f"http://127.0.0.1:{mute.getsockname()[1]}"]) == 2
+        took = time.monotonic() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    print(f"gave up after {took:.1f}s")
+    assert len(err) == 1 and "cannot reach the object store" in err[0], err
+    assert took < 30
+
+
+def test_unknown_bucket_is_one_line_for_ingest_and_train_too(s3, sky):
+    from trainer.data import DataError, open_cache
+
+    assert pipeline.main([*BASE, "--data_folder", str(sky), "--cache_folder", "s3://no-such-bucket/c"]) == 2
+    with pytest.raises(DataError, match="cannot open the latent cache s3://no-such-bucket/c: .*does not exist"):
+        open_cache("s3://no-such-bucket/c")
+
+
 def test_wrong_credentials_are_a_one_line_error(s3, tmp_path, capsys):
     """A moto server that checks signatures: the test keys are unknown to it (403 InvalidAccessKeyId)."""
     port = free_port()
