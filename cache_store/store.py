@@ -214,7 +214,7 @@ def _create_or_open_remote(loc, settings, format, chunk_frames, shard_frames):  
                          f"named local files); use --format zarr for a URL")
     loc.check()
     if not loc.exists(ZARR_META):
-        if loc.ls(""):
+        if loc.ls("") and not loc.exists(ZARR_META):  # (a racing twin's root may have landed meanwhile)
             raise ValueError(f"{loc.url}: holds objects but is not a latent cache; pick a new or empty prefix")
         _check_layout(loc.url, chunk_frames, shard_frames, 1)
         meta = {"format": format, "format_version": FORMAT_VERSION, "settings": settings,

@@ -274,7 +274,7 @@ def test_bad_bucket_endpoint_and_scheme_are_one_line_errors(s3, capsys):
 def test_a_server_that_never_answers_is_a_one_line_error_within_the_timeouts(s3, monkeypatch, capsys):
     """A socket that accepts connections (the kernel's backlog) and never replies: bounded by the read
     timeout x attempts, never a hang."""
-    monkeypatch.setenv("LATTE_S3_READ_TIMEOUT", "0.5")
+    monkeypatch.setenv("LATTE_S3_READ_TIMEOUT", "0.2")
     with socket.socket() as mute:
         mute.bind(("127.0.0.1", 0))
         mute.listen(16)
@@ -313,6 +313,20 @@ def test_wrong_credentials_are_a_one_line_error(s3, tmp_path, capsys):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_racing_creators_agree_other_settings_and_foreign_prefixes_are_refused(s3):
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = {"latent_shape": [4, 4, 4], "dtype": "float16"}
+    with ThreadPoolExecutor(4) as pool:  # four creators at once: one conditional PUT wins, all agree
+        stores = list(pool.map(lambda _: cache_store.create_or_open("s3://lake/race", settings), range(4)))
+    assert all(st.settings == stores[0].settings for st in stores)
+    with pytest.raises(ValueError, match="different settings .*dtype: stored 'float16', requested 'float32'"):
+        cache_store.create_or_open("s3://lake/race", {**settings, "dtype": "float32"})
+    s3[1].put_object(Bucket="lake", Key="foreign/notes.txt", Body=b"not a cache")
+    with pytest.raises(ValueError, match="holds objects but is not a latent cache"):
+        cache_store.create_or_open("s3://lake/foreign", settings)
 
 
 def test_mindrecord_at_a_url_is_refused_in_one_line(s3, sky, tmp_path):
