@@ -43,6 +43,21 @@ class StorageError(OSError, ValueError):
     already committed stays valid; rerun to go on) and a ValueError (bad input before any work)."""
 
 
+TRANSPORT_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
+                    "ClientConnectorError", "ServerDisconnectedError", "FSTimeoutError", "NoCredentialsError")
+
+
+def is_transport_error(err):
+    """Whether `err` (or what it wraps) is the store being unreachable or refusing us, not damaged data:
+    such a read failure is reported as the store's problem, never as a corrupt entry."""
+    while err is not None:
+        if isinstance(err, (StorageError, ConnectionError, TimeoutError, PermissionError)) \
+                or type(err).__name__ in TRANSPORT_ERRORS:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
 def is_url(path):
     return isinstance(path, str) and "://" in path and not path.startswith("file://")
 
@@ -160,9 +175,8 @@ class Location:
                     f"AWS_SECRET_ACCESS_KEY/AWS_PROFILE and the bucket policy")
         if name == "NoCredentialsError":
             return f"{where}: no AWS credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError",
-                    "ClientConnectorError", "ServerDisconnectedError", "TimeoutError", "FSTimeoutError") \
-                or isinstance(err, (ConnectionError, socket.timeout)):
+        if (name in TRANSPORT_ERRORS and name != "NoCredentialsError") or isinstance(err, (ConnectionError,
+                                                                                        TimeoutError)):
             return (f"{where}: cannot reach the object store{ep or ' (AWS default endpoint)'} ({name}, "
                     f"{MAX_ATTEMPTS} attempts); check --s3_endpoint_url / AWS_ENDPOINT_URL and the network, "
                     f"then rerun: committed entries are kept")

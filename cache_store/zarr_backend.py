@@ -37,7 +37,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
-from .fs import resolve
+from .fs import StorageError, is_transport_error, resolve
 from .manifest import CorruptEntryError, fsync_dir, fsync_file
 
 LATENTS_DIR = "latents"
@@ -188,6 +188,7 @@ class ZarrReader:
                 m = json.loads((self.root / location / "zarr.json").read_text() if self.loc.local
                                else self.loc.cat(f"{location}/zarr.json"))
             except (OSError, ValueError) as e:
+                self._remote_failure(e, location)
                 raise CorruptEntryError(f"{self.loc.display(location)}: array metadata unreadable ({e})")
             fs = list(self.frame_shape)
             little = {"name": "bytes", "configuration": {"endian": "little"}}
@@ -214,6 +215,7 @@ class ZarrReader:
             try:
                 return a.get_orthogonal_selection((np.asarray(rows),))
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
+                self._remote_failure(e, location)
                 raise CorruptEntryError(f"{self.loc.display(location)}: {type(e).__name__}: {e}") from e
         S, cf = layout
         per_shard = S // cf
@@ -243,6 +245,12 @@ class ZarrReader:
                     out[sel] = chunk[rows[sel] - k * cf]
         return out
 
+    def _remote_failure(self, err, location):
+        """An unreachable or refusing object store is not a damaged entry: say which it is."""
+        if not self.loc.local and is_transport_error(err):
+            self._fast.pop(location, None)  # look at the layout again once the store is back
+            raise err if isinstance(err, StorageError) else StorageError(self.loc.explain(err, location)) from None
+
     def _open(self, location, rows=0):
         """The zarr array, reopened when a writer has grown it past the rows we need."""
         a = self._arrays.get(location)
@@ -251,6 +259,7 @@ class ZarrReader:
                 zstore = LocalStore(self.root, read_only=True) if self.loc.local else self.loc.zarr_store(True)
                 a = zarr.open_array(zstore, path=location, mode="r")
             except Exception as e:  # noqa: BLE001
+                self._remote_failure(e, location)
                 raise CorruptEntryError(f"{self.loc.display(location)}: cannot open array ({e})") from e
             self._arrays[location] = a
         return a
@@ -269,6 +278,7 @@ class ZarrReader:
         try:
             return a[r0:r1]
         except Exception as e:  # noqa: BLE001
+            self._remote_failure(e, location)
             raise CorruptEntryError(f"{self.loc.display(location)}: {type(e).__name__}: {e}") from e
 
 

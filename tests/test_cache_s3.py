@@ -252,7 +252,14 @@ def test_server_going_away_mid_ingest_is_one_line_keeps_the_commits_and_the_reru
     assert len(partial) == 2 and all(reference[i] == row for i, row in partial.items())
     ingest(sky, url, "--s3_endpoint_url", server.url)
     assert snapshot(cache_store.open(url, server.url)) == reference
+    # Gone while readers have the store open (nothing read yet): they say so, they do not cry corruption.
+    reader, verifier = cache_store.open(url, server.url), cache_store.open(url, server.url)
+    reader.rows()  # the manifest is in memory: the next read goes straight to the latents
     server.stop()
+    with pytest.raises(cache_store.StorageError, match="cannot reach the object store"):
+        reader.read_clip(sorted(reference)[0], 0, 4)
+    with pytest.raises(cache_store.StorageError, match="cannot reach the object store"):
+        verifier.verify()
 
 
 def test_bad_bucket_endpoint_and_scheme_are_one_line_errors(s3, capsys):

@@ -284,6 +284,8 @@ class TrainData:
             return
         item = self.train[bad[0]]
         problem = self.source.errors.get(bad[0], "read failed")
+        if self.cfg.data_source == "cache" and ("cannot reach the object store" in problem or "access denied" in problem):
+            raise DataError(f"cache entry {item.id!r} cannot be read: {problem}")  # the store's trouble, not damage
         if self.cfg.data_source == "cache":
             hint = "" if "latte cache verify" in problem else f"; run `latte cache verify {self.cfg.cache_folder}`"
             raise DataError(f"cache entry {item.id!r} cannot be read at train time, the cache was damaged after "
