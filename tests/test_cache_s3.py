@@ -336,6 +336,19 @@ def test_racing_creators_agree_other_settings_and_foreign_prefixes_are_refused(s
         cache_store.create_or_open("s3://lake/foreign", settings)
 
 
+def test_a_live_writer_holds_its_shard_lease_and_releases_it_at_close(s3):
+    store = cache_store.create_or_open("s3://lake/leased", {"latent_shape": [4, 4, 4]})
+    with store.writer(0, 2):
+        with pytest.raises(ValueError, match=r"another process \(host .*, pid %d.*is writing shard 00000-of-00002; "
+                                             r"wait for it, or if it is dead delete s3://lake/leased/manifest/"
+                                             r"lease-00000-of-00002.json" % os.getpid()):
+            store.writer(0, 2)
+        with store.writer(1, 2):  # other shards are free
+            pass
+    with store.writer(0, 2):  # released at close
+        pass
+
+
 def test_mindrecord_at_a_url_is_refused_in_one_line(s3, sky, tmp_path):
     with pytest.raises(ValueError, match="MindRecord caches are local only"):
         ingest(sky, "s3://lake/mr", "--format", "mindrecord")
