@@ -2,7 +2,7 @@
 
 Reading (trainer, users)::
 
-    store = cache_store.open(path)
+    store = cache_store.open(path)        # a folder, or a URL: cache_store.open("s3://bucket/prefix")
     store.entries()                       # pyarrow Table, one row per entry (see manifest.SCHEMA)
     mean, std = store.read_clip(entry_id, start, num_frames, stride=1)   # float32 (F, C, h, w)
     mean, std = store.read_entry(entry_id)
@@ -34,14 +34,16 @@ folder) write one store concurrently; how entries are split among them is the ca
 
 On disk: `zarr.json` (zarr root group, settings in attribute "latte_cache") or `cache.json`,
 `latents/<writer>[.<k>]/` (zarr) or `mindrecord/<writer>-<n>.mindrecord` files, and
-`manifest/part-<writer>.parquet`. See store.py for the crash-safety argument, zarr_backend.py and
-mindrecord_backend.py for the layouts. Reads check a crc32c per zarr chunk / MindRecord record and
-raise CorruptEntryError naming the entry and file; `verify` checks each ok entry's sha256.
-`cache_store.cli.main(argv)` is `latte cache info|verify`.
+`manifest/part-<writer>.parquet`. At an fsspec URL (zarr only) the same objects sit under the prefix
+and fs.py gives the primitives (whole-object PUTs, conditional creates, leases instead of flocks).
+See store.py for the crash-safety argument, zarr_backend.py and mindrecord_backend.py for the layouts.
+Reads check a crc32c per zarr chunk / MindRecord record and raise CorruptEntryError naming the entry
+and file; `verify` checks each ok entry's sha256. `cache_store.cli.main(argv)` is `latte cache info|verify`.
 """
+from .fs import StorageError
 from .manifest import SCHEMA, STATUSES, CorruptEntryError
 from .store import FORMATS, Store, Writer, create_or_open, normalize_settings
 from .store import open_store as open  # noqa: A001 - the documented `cache_store.open(path)`
 
 __all__ = ["open", "create_or_open", "Store", "Writer", "CorruptEntryError", "FORMATS", "SCHEMA",
-           "STATUSES", "normalize_settings"]
+           "STATUSES", "StorageError", "normalize_settings"]

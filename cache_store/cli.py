@@ -18,7 +18,7 @@ def _size(n):
 
 
 def cmd_info(args):
-    info = open_store(args.out).info()
+    info = open_store(args.out, args.s3_endpoint_url).info()
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -44,7 +44,7 @@ def _kept_meta(row):
 
 
 def cmd_verify(args):
-    store = open_store(args.out)
+    store = open_store(args.out, args.s3_endpoint_url)
     n_ok = store.info()["by_status"]["ok"]
     problems = store.verify()
     for entry_id, what in problems:
@@ -68,14 +68,17 @@ def build_parser():
                "see their --help.")
     sub = p.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="entries by status, frames, bytes, settings, failures")
-    info.add_argument("out", metavar="CACHE", help="the cache folder (the ingest's --cache_folder)")
+    info.add_argument("out", metavar="CACHE", help="the cache folder or URL (the ingest's --cache_folder)")
     info.add_argument("--json", action="store_true", help="print the summary as JSON")
     info.set_defaults(func=cmd_info)
     verify = sub.add_parser("verify", help="re-read every ok entry and check checksum and shape")
-    verify.add_argument("out", metavar="CACHE", help="the cache folder (the ingest's --cache_folder)")
+    verify.add_argument("out", metavar="CACHE", help="the cache folder or URL (the ingest's --cache_folder)")
     verify.add_argument("--mark_failed", action="store_true",
                         help="mark corrupt entries failed so `latte ingest --retry_failed` redoes them")
     verify.set_defaults(func=cmd_verify)
+    for cmd in (info, verify):
+        cmd.add_argument("--s3_endpoint_url", default=None,
+                         help="S3-compatible endpoint for s3:// URLs (default: AWS_ENDPOINT_URL, else AWS)")
     return p
 
 
@@ -83,8 +86,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:
-        print(f"latte cache: error: {e}", file=sys.stderr)
+    except (ValueError, OSError) as e:  # StorageError is both: an unreachable/refused object store
+        print(f"latte cache: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # `latte cache info ... | head`: the reader has what it wanted. Point stdout at /dev/null so

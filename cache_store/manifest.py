@@ -20,6 +20,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .fs import resolve
+
 STATUSES = ("ok", "failed", "skipped")
 
 SCHEMA = pa.schema([
@@ -72,7 +74,15 @@ def make_row(entry_id, status, writer, meta=None, reason="", location="", row_st
 
 
 def part_path(root, writer):
-    return Path(root) / MANIFEST_DIR / f"part-{writer}.parquet"
+    """The part's path (local) or URL (remote store)."""
+    loc = resolve(root)
+    if not loc.local:
+        return loc.display(part_key(writer))
+    return Path(loc.path) / MANIFEST_DIR / f"part-{writer}.parquet"
+
+
+def part_key(writer):
+    return f"{MANIFEST_DIR}/part-{writer}.parquet"
 
 
 def rows_to_table(rows):
@@ -90,18 +100,40 @@ def read_part(path):
                          f"re-ingest that shard") from e
 
 
+def _remote_parts(loc, writer):
+    """The parts of a remote store as tables: one GET each, parsed by pyarrow."""
+    names = ([f"part-{writer}.parquet"] if writer is not None
+             else [n for n in loc.ls(MANIFEST_DIR) if n.startswith("part-") and n.endswith(".parquet")])
+    for name in names:
+        try:
+            data = loc.cat(f"{MANIFEST_DIR}/{name}")
+        except FileNotFoundError:
+            continue
+        try:
+            yield pq.read_table(pa.BufferReader(data), schema=SCHEMA)
+        except (OSError, pa.ArrowInvalid) as e:
+            raise ValueError(f"{loc.display(MANIFEST_DIR + '/' + name)}: unreadable manifest part ({e}); "
+                             f"restore it or delete it and re-ingest that shard") from e
+
+
 def read_rows(root, writer=None):
     """All rows of all parts (or of one writer's part), merged: the latest `encoded_at` per id wins."""
+    loc = resolve(root)
+    if not loc.local:
+        return _merge(_remote_parts(loc, writer))
+    root = loc.path
     folder = Path(root) / MANIFEST_DIR
     if writer is not None:
         paths = [part_path(root, writer)]
     else:
         paths = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    return _merge(read_part(p) for p in paths if p.exists())
+
+
+def _merge(tables):
     latest = {}
-    for p in paths:
-        if not p.exists():
-            continue
-        for row in read_part(p).to_pylist():
+    for table in tables:
+        for row in table.to_pylist():
             old = latest.get(row["id"])
             if old is None or row["encoded_at"] >= old["encoded_at"]:
                 latest[row["id"]] = row
@@ -110,7 +142,13 @@ def read_rows(root, writer=None):
 
 def write_part(root, writer, rows):
     """Atomically replace one writer's part. Callers flush the latents first (see store.Writer)."""
-    path = part_path(root, writer)
+    loc = resolve(root)
+    if not loc.local:  # one PUT of the whole part: atomic, and strongly consistent once it returns
+        sink = pa.BufferOutputStream()
+        pq.write_table(rows_to_table(rows), sink)
+        loc.pipe(part_key(writer), sink.getvalue().to_pybytes())
+        return
+    path = part_path(loc.path, writer)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     pq.write_table(rows_to_table(rows), tmp)
@@ -120,7 +158,10 @@ def write_part(root, writer, rows):
 
 
 def remove_stale_temps(root, writer):
-    folder = Path(root) / MANIFEST_DIR
+    loc = resolve(root)
+    if not loc.local:
+        return  # a remote part is one PUT: there are no temp objects
+    folder = Path(loc.path) / MANIFEST_DIR
     for p in folder.glob(f".part-{writer}.parquet.*.tmp"):
         p.unlink(missing_ok=True)
 

@@ -12,6 +12,13 @@ mindrecord_backend.py):
    committed tail, overwriting (zarr) or deleting (mindrecord) what was half written.
 4. Each writer (shard) has its own latents and its own manifest part, and an flock stops two live
    processes from using the same shard, so concurrent writers never touch the same file.
+
+At a URL (s3://bucket/prefix, see fs.py) the same argument holds with object-store primitives, no
+renames: (1) is unchanged (a shard object is replaced by one PUT, and each version holds every
+committed row's bytes at the same offsets); in (2) the latents' PUTs have returned before the
+manifest part is PUT, a single PUT is atomic and S3 reads are strongly consistent, so a reader that
+sees a row sees its bytes; (3) is unchanged; in (4) the flock becomes a lease object created with a
+conditional PUT (If-None-Match), released at close and taken over when its process (same host) died.
 """
 import fcntl
 import json
@@ -23,6 +30,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from . import fs as storage
 from . import manifest
 from .manifest import CorruptEntryError, checksum_text, new_checksum
 from .mindrecord_backend import SEGMENT_CHECKSUM, MindRecordReader, MindRecordWriter
@@ -73,8 +81,37 @@ def _settings_diff(stored, requested):
             for k in keys if stored.get(k, "<unset>") != requested.get(k, "<unset>")]
 
 
+def _read_meta_remote(loc):
+    loc.check()  # bucket, credentials and endpoint: one clear line now rather than mid-run
+    try:
+        root = json.loads(loc.cat(ZARR_META))
+    except FileNotFoundError:
+        if loc.exists(MINDRECORD_META):
+            raise ValueError(f"{loc.url}: a MindRecord cache at a URL; MindRecord caches are local only") from None
+        raise ValueError(f"{loc.url}: no latent cache there (no {ZARR_META}); check the URL or create it "
+                         f"with `latte ingest`") from None
+    except ValueError as e:
+        if isinstance(e, storage.StorageError):
+            raise
+        raise ValueError(f"{loc.display(ZARR_META)}: unreadable zarr root ({e}); is this a latent cache?") from e
+    meta = root.get("attributes", {}).get(ATTR) if isinstance(root, dict) else None
+    if meta is None:
+        raise ValueError(f"{loc.url}: a zarr group but not a latent cache (no '{ATTR}' attribute)")
+    return meta
+
+
+def _check_version(path, meta):
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise ValueError(f"{path}: cache format version {meta.get('format_version')} is newer than "
+                         f"this code reads ({FORMAT_VERSION}); upgrade latte-ms")
+    return meta
+
+
 def _read_meta(path):
-    path = Path(path)
+    loc = storage.resolve(path)
+    if not loc.local:
+        return _check_version(loc.url, _read_meta_remote(loc))
+    path = loc.path
     if not path.is_dir():
         raise ValueError(f"{path}: no such latent cache; check the path or create it with `latte ingest`")
     if (path / ZARR_META).exists():
@@ -96,13 +133,23 @@ def _read_meta(path):
     return meta
 
 
-def open_store(path):
-    """Open an existing store (exported as `cache_store.open`)."""
-    return Store(path, _read_meta(path))
+def open_store(path, endpoint_url=None):
+    """Open an existing store (exported as `cache_store.open`): a folder, or a URL such as
+    s3://bucket/prefix (`endpoint_url`, else AWS_ENDPOINT_URL, for S3-compatible services)."""
+    loc = storage.resolve(path, endpoint_url)
+    return Store(loc, _read_meta(loc))
+
+
+def is_cache(path, endpoint_url=None):
+    """Whether a store already exists at `path` (folder or URL)."""
+    loc = storage.resolve(path, endpoint_url)
+    if loc.local:
+        return (loc.path / ZARR_META).exists() or (loc.path / MINDRECORD_META).exists()
+    return loc.check().exists(ZARR_META)
 
 
 def create_or_open(path, settings, format="zarr", *, chunk_frames=16, shard_frames=1024,  # noqa: A002
-                   segment_frames=16, page_bytes=8 << 20):
+                   segment_frames=16, page_bytes=8 << 20, endpoint_url=None):
     """Create a store, or open an existing one after checking it was made with equal settings.
 
     Layout arguments only matter when the store is created: zarr rows per chunk (a clip of up to
@@ -110,8 +157,11 @@ def create_or_open(path, settings, format="zarr", *, chunk_frames=16, shard_fram
     segment record and the target page size."""
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not one of {', '.join(FORMATS)}")
-    path = Path(path)
     settings = normalize_settings(settings)
+    loc = storage.resolve(path, endpoint_url)
+    if not loc.local:
+        return _create_or_open_remote(loc, settings, format, chunk_frames, shard_frames)
+    path = loc.path
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path}: exists and is a file; pick a folder for the latent cache")
     if not ((path / ZARR_META).exists() or (path / MINDRECORD_META).exists()):
@@ -152,16 +202,46 @@ def create_or_open(path, settings, format="zarr", *, chunk_frames=16, shard_fram
 # Reading
 # ----------------------------------------------------------------------------------------------
 
+def _check_layout(where, chunk_frames, shard_frames, segment_frames):
+    if chunk_frames < 1 or shard_frames % chunk_frames or segment_frames < 1:
+        raise ValueError(f"layout chunk_frames={chunk_frames} shard_frames={shard_frames} "
+                         f"segment_frames={segment_frames}: need shard_frames a multiple of "
+                         f"chunk_frames, all positive")
+
+
+def _create_or_open_remote(loc, settings, format, chunk_frames, shard_frames):  # noqa: A002
+    if format != "zarr":
+        raise ValueError(f"{loc.url}: MindRecord caches are local only (MindSpore writes and reads them as "
+                         f"named local files); use --format zarr for a URL")
+    loc.check()
+    if not loc.exists(ZARR_META):
+        if loc.ls("") and not loc.exists(ZARR_META):  # (a racing twin's root may have landed meanwhile)
+            raise ValueError(f"{loc.url}: holds objects but is not a latent cache; pick a new or empty prefix")
+        _check_layout(loc.url, chunk_frames, shard_frames, 1)
+        meta = {"format": format, "format_version": FORMAT_VERSION, "settings": settings,
+                "layout": {"chunk_frames": chunk_frames, "shard_frames": shard_frames}}
+        data = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {ATTR: meta}}, indent=2)
+        loc.create_exclusive(ZARR_META, data.encode())  # conditional PUT: loses quietly to a racing twin
+    store = open_store(loc)
+    diff = _settings_diff(store.settings, settings)
+    if diff:
+        raise ValueError(f"{loc.url}: cache was made with different settings ({'; '.join(diff)}); "
+                         f"use a new output prefix or the stored settings")
+    return store
+
+
 class Store:
     def __init__(self, path, meta):
-        self.path = Path(path)
+        self.loc = storage.resolve(path)
+        self.path = self.loc.path if self.loc.local else self.loc.url  # what messages name
         self.meta = meta
         self.format = meta["format"]
         self.settings = meta["settings"]
         self.layout = meta["layout"]
         self.latent_shape = tuple(self.settings["latent_shape"])
         self.dtype = np.dtype(self.settings["dtype"])
-        self._reader = (ZarrReader if self.format == "zarr" else MindRecordReader)(self.path, meta)
+        root = self.path if self.loc.local else self.loc
+        self._reader = (ZarrReader if self.format == "zarr" else MindRecordReader)(root, meta)
         self._rows = None
 
     def __repr__(self):
@@ -169,7 +249,7 @@ class Store:
 
     def rows(self):
         """The merged manifest as {id: row dict}, re-read from disk."""
-        self._rows = manifest.read_rows(self.path)
+        self._rows = manifest.read_rows(self.loc)
         return self._rows
 
     def entries(self):
@@ -225,13 +305,23 @@ class Store:
     def check_writer_free(self, shard_index=0, num_shards=1):
         """Raise the writer's one-line ValueError now if another process is writing that shard, so
         a caller can refuse before expensive set-up (the writer itself still takes the lock)."""
-        os.close(_lock_writer(self.path, writer_name(shard_index, num_shards)))
+        name = writer_name(shard_index, num_shards)
+        if self.loc.local:
+            os.close(_lock_writer(self.path, name))
+        else:  # take and drop the shard's lease: refused while a live writer holds it
+            lease = f"{manifest.MANIFEST_DIR}/lease-{name}.json"
+            storage.acquire_lease(self.loc, lease, f"shard {name}")
+            self.loc.rm(lease)
 
     def info(self):
         rows = list(self.rows().values())
         ok = [r for r in rows if r["status"] == "ok"]
         frames = sum(r["num_frames"] for r in ok)
-        stats = [p.stat() for p in self.path.rglob("*") if p.is_file()]
+        if self.loc.local:
+            stats = [p.stat() for p in self.path.rglob("*") if p.is_file()]
+            file_bytes, disk_bytes = sum(st.st_size for st in stats), sum(st.st_blocks * 512 for st in stats)
+        else:  # objects have no preallocation: their sizes are what the store takes
+            file_bytes = disk_bytes = self.loc.du()
         return {
             "path": str(self.path), "format": self.format, "format_version": self.meta["format_version"],
             "settings": self.settings, "layout": self.layout, "entries": len(rows),
@@ -240,8 +330,8 @@ class Store:
             "latent_bytes": frames * 2 * int(np.prod(self.latent_shape)) * self.dtype.itemsize,
             # MindRecord sizes its files for whole pages up front (sparse where the filesystem
             # allows): the files' sizes can be far above what they take on disk.
-            "file_bytes": sum(st.st_size for st in stats),
-            "disk_bytes": sum(st.st_blocks * 512 for st in stats),
+            "file_bytes": file_bytes,
+            "disk_bytes": disk_bytes,
             "not_ok": sorted((r["id"], r["status"], r["reason"]) for r in rows if r["status"] != "ok"),
         }
 
@@ -319,9 +409,18 @@ class Writer:
         self.store = store
         self.name = name or writer_name(shard_index, num_shards)
         self.commit_every, self.commit_seconds = commit_every, commit_seconds
-        self._lock = _lock_writer(store.path, self.name)
-        manifest.remove_stale_temps(store.path, self.name)
-        self.rows = manifest.read_rows(store.path, writer=self.name)  # this writer's part only
+        self._lock = self._lease = None
+        if store.loc.local:
+            self._lock = _lock_writer(store.path, self.name)
+        else:  # no flock on an object store: a lease object (see fs.acquire_lease)
+            self._lease = f"{manifest.MANIFEST_DIR}/lease-{self.name}.json"
+            storage.acquire_lease(store.loc, self._lease, f"shard {self.name}")
+        try:
+            manifest.remove_stale_temps(store.loc, self.name)
+            self.rows = manifest.read_rows(store.loc, writer=self.name)  # this writer's part only
+        except BaseException:
+            self._release()
+            raise
         self._backend = None  # created on the first entry, so failure-only writers create nothing
         self.current = None
         self.pending = 0
@@ -332,7 +431,8 @@ class Writer:
     def backend(self):
         if self._backend is None:
             cls = ZarrWriter if self.store.format == "zarr" else MindRecordWriter
-            self._backend = cls(self.store.path, self.store.meta, self.name, self.rows)
+            root = self.store.path if self.store.loc.local else self.store.loc
+            self._backend = cls(root, self.store.meta, self.name, self.rows)
         return self._backend
 
     def __enter__(self):
@@ -432,7 +532,7 @@ class Writer:
         if self.pending:
             if self._backend is not None:
                 self._backend.flush()
-            manifest.write_part(self.store.path, self.name, self.rows.values())
+            manifest.write_part(self.store.loc, self.name, self.rows.values())
         self.pending = 0
         self.last_commit = time.monotonic()
 
@@ -446,4 +546,15 @@ class Writer:
                 self._backend.close()
         finally:
             self.closed = True
+            self._release()
+
+    def _release(self):
+        if self._lock is not None:
             os.close(self._lock)
+            self._lock = None
+        if self._lease is not None:
+            lease, self._lease = self._lease, None
+            try:
+                self.store.loc.rm(lease)
+            except OSError:  # unreachable store: the next run on this host takes the dead lease over
+                pass

@@ -28,6 +28,10 @@ pointing at it keep failing their checks until `latte cache verify --mark_failed
 goes on in a new generation `latents/<writer>.<k+1>`, always the highest one on disk. So the repair,
 `verify --mark_failed` then `ingest --retry_failed`, works whatever file the damage is in.
 
+At a URL (fs.py) the store is zarr's FsspecStore: a shard object is replaced by one PUT, which S3
+makes atomic, so the same argument holds without renames or fsyncs; `read` fetches the shard index
+and the chunks with ranged GETs.
+
 Reads: `read` parses the shard index and chunks directly (the sharding format is four fields), about
 4x faster than going through zarr's async machinery for a 16-frame clip; it is used only when the
 array metadata is exactly the layout written here. `read_reference` reads through zarr and is what
@@ -44,6 +48,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec
 from zarr.storage import LocalStore
 
+from .fs import StorageError, is_transport_error, resolve
 from .manifest import CorruptEntryError, fsync_dir, fsync_file
 
 LATENTS_DIR = "latents"
@@ -59,24 +64,25 @@ def _location(name, k):
     return f"{LATENTS_DIR}/{name}" + (f".{k}" if k else "")
 
 
-def _generations(root, name):
-    """The generations of writer `name`'s array that exist on disk, sorted."""
+def _generations(loc, name):
+    """The generations of writer `name`'s array that exist in the store, sorted."""
     pattern = re.compile(re.escape(name) + r"(?:\.(\d+))?")
-    found = [m.group(1) for p in (Path(root) / LATENTS_DIR).glob(f"{name}*")
-             if (m := pattern.fullmatch(p.name))]
-    return sorted(int(g or 0) for g in found)
+    names = ([p.name for p in (loc.path / LATENTS_DIR).glob(f"{name}*")] if loc.local
+             else loc.ls(LATENTS_DIR))
+    return sorted(int(m.group(1) or 0) for n in names if (m := pattern.fullmatch(n)))
 
 
 class ZarrWriter:
     """Appends the entries of one writer to `latents/<name>[.<k>]`; see the module docstring."""
 
     def __init__(self, root, meta, name, committed_rows):
-        self.root = Path(root)
+        self.loc = resolve(root)
+        self.root = self.loc.path if self.loc.local else None
         self.meta = meta
         self.S = meta["layout"]["shard_frames"]
         self.frame_shape = (2, *meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
-        generations = _generations(self.root, name)
+        generations = _generations(self.loc, name)
         k = generations[-1] if generations else 0
         self.location = _location(name, k)
         self.tail = max((r["row_start"] + r["num_frames"] for r in committed_rows.values()
@@ -89,32 +95,39 @@ class ZarrWriter:
             # it is, for the rows still pointing at it; this writer goes on in a new one.
             self.location, self.tail = _location(name, k + 1), 0
             print(f"latte cache: note: {damage}; left as it is, writing on in "
-                  f"{self.root / self.location} (`latte cache verify {self.root} --mark_failed` "
+                  f"{self.loc.display(self.location)} (`latte cache verify {self.loc} --mark_failed` "
                   f"then `latte ingest ... --retry_failed` repairs damaged entries)", file=sys.stderr)
             self._open_checked()
 
     def _open_checked(self):
         """Open (or create) the array at self.location and load its last shard, reading the
         committed rows back strictly; any damage on the way is a CorruptEntryError."""
-        folder = self.root / self.location
-        for p in folder.rglob("*.partial"):  # temp files of a write that was killed
-            p.unlink(missing_ok=True)
-        if (folder / "zarr.json").exists():
+        meta_key = f"{self.location}/zarr.json"
+        if self.loc.local:
+            for p in (self.root / self.location).rglob("*.partial"):  # temp files of a killed write
+                p.unlink(missing_ok=True)
+            exists, zstore = (self.root / meta_key).exists(), LocalStore(self.root)
+        else:
+            exists, zstore = self.loc.exists(meta_key), self.loc.zarr_store()
+        if exists:
             try:
-                self.array = zarr.open_array(LocalStore(self.root), path=self.location, mode="r+")
+                self.array = self.loc.call(self.location, zarr.open_array, zstore, path=self.location, mode="r+")
                 ok = (self.array.shape[1:] == self.frame_shape and self.array.dtype == self.dtype
                       and self.array.shards == (self.S, *self.frame_shape)
                       and self.array.chunks == (self.meta["layout"]["chunk_frames"], *self.frame_shape))
+            except StorageError:
+                raise  # the store is unreachable: not damage
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on a damaged zarr.json
-                raise CorruptEntryError(f"{folder / 'zarr.json'}: array metadata unreadable "
+                raise CorruptEntryError(f"{self.loc.display(meta_key)}: array metadata unreadable "
                                         f"({type(e).__name__})") from e
             if not ok:
-                raise CorruptEntryError(f"{folder / 'zarr.json'}: array metadata differs from the "
+                raise CorruptEntryError(f"{self.loc.display(meta_key)}: array metadata differs from the "
                                         f"store's layout")
         else:
             fs, cf = self.frame_shape, self.meta["layout"]["chunk_frames"]
-            self.array = zarr.create_array(
-                LocalStore(self.root), name=self.location, shape=(0, *fs), dtype=self.dtype,
+            self.array = self.loc.call(
+                self.location, zarr.create_array,
+                zstore, name=self.location, shape=(0, *fs), dtype=self.dtype,
                 chunks=(cf, *fs), shards=(self.S, *fs), serializer=BytesCodec(),
                 compressors=[Crc32cCodec()],  # latents barely compress; a checksum is worth more
                 fill_value=0, config={"write_empty_chunks": True})
@@ -128,11 +141,19 @@ class ZarrWriter:
         if n > 0:
             # The same strict reader as read_clip: crc32c of the index and of every chunk, and a
             # missing file or chunk is an error (zarr itself would hand back zeros for those).
-            self.buf[:n] = ZarrReader(self.root, self.meta).read(self.location,
+            self.buf[:n] = ZarrReader(self.loc, self.meta).read(self.location,
                                                                  np.arange(shard * self.S, self.tail))
         self.dirty = False
 
     def _write_shard(self):
+        if not self.loc.local:  # one PUT per object, atomic; returns once S3 has it (no fsync there)
+            s0 = self.shard * self.S
+            if self.array.shape[0] < s0 + self.S:
+                self.loc.call(self.location, self.array.resize, (s0 + self.S, *self.frame_shape))
+            self.loc.call(f"{self.location}/{_shard_key(self.shard)}", self.array.__setitem__,
+                          slice(s0, s0 + self.S), self.buf)
+            self.dirty = False
+            return
         s0 = self.shard * self.S
         if self.array.shape[0] < s0 + self.S:
             self.array.resize((s0 + self.S, *self.frame_shape))
@@ -182,9 +203,31 @@ class ZarrWriter:
         pass
 
 
+class _RangeFile:
+    """The seek/read subset `_read_index` and `_read_chunk` use, as ranged GETs of one object."""
+
+    def __init__(self, loc, rel):
+        self.loc, self.rel, self.pos = loc, rel, 0
+
+    def seek(self, offset, whence=0):
+        self.pos = offset if whence == 0 else ("end", offset)
+
+    def read(self, n):
+        if isinstance(self.pos, tuple):
+            return self.loc.cat_range(self.rel, self.pos[1])  # suffix range: the last -offset bytes
+        return self.loc.cat_range(self.rel, self.pos, self.pos + n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
 class ZarrReader:
     def __init__(self, root, meta):
-        self.root = Path(root)
+        self.loc = resolve(root)
+        self.root = self.loc.path if self.loc.local else None
         self.frame_shape = (2, *meta["settings"]["latent_shape"])
         self.dtype = np.dtype(meta["settings"]["dtype"])
         self._fast = {}  # location -> (shard_frames, chunk_frames), or None to go through zarr
@@ -198,9 +241,11 @@ class ZarrReader:
         if location not in self._fast:
             self._fast[location] = None
             try:
-                m = json.loads((self.root / location / "zarr.json").read_text())
+                m = json.loads((self.root / location / "zarr.json").read_text() if self.loc.local
+                               else self.loc.cat(f"{location}/zarr.json"))
             except (OSError, ValueError) as e:
-                raise CorruptEntryError(f"{self.root / location}: array metadata unreadable ({e})")
+                self._remote_failure(e, location)
+                raise CorruptEntryError(f"{self.loc.display(location)}: array metadata unreadable ({e})")
             fs = list(self.frame_shape)
             little = {"name": "bytes", "configuration": {"endian": "little"}}
             codecs = m.get("codecs", [{}])
@@ -226,19 +271,26 @@ class ZarrReader:
             try:
                 return a.get_orthogonal_selection((np.asarray(rows),))
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
-                raise CorruptEntryError(f"{self.root / location}: {_zarr_error(e)}") from e
+                self._remote_failure(e, location)
+                raise CorruptEntryError(f"{self.loc.display(location)}: {_zarr_error(e)}") from e
         S, cf = layout
         per_shard = S // cf
         out = np.empty((len(rows), *self.frame_shape), self.dtype)
         chunk_of = rows // cf
         for s in np.unique(rows // S):
-            path = self.root / location / _shard_key(int(s))
-            try:
-                f = open(path, "rb")
-            except OSError as e:
-                raise CorruptEntryError(f"{path}: shard file missing ({e.strerror})") from e
+            path = self.loc.display(f"{location}/{_shard_key(int(s))}")
+            if not self.loc.local:  # ranged GETs; a missing object shows up at the first one
+                f = _RangeFile(self.loc, f"{location}/{_shard_key(int(s))}")
+            else:
+                try:
+                    f = open(path, "rb")
+                except OSError as e:
+                    raise CorruptEntryError(f"{path}: shard file missing ({e.strerror})") from e
             with f:
-                index = _read_index(f, per_shard, path)
+                try:
+                    index = _read_index(f, per_shard, path)
+                except FileNotFoundError as e:  # remote: the object is gone
+                    raise CorruptEntryError(f"{path}: shard file missing") from e
                 for k in np.unique(chunk_of[rows // S == s]):
                     off, nbytes = index[k - s * per_shard]
                     if off == _MISSING:
@@ -249,14 +301,22 @@ class ZarrReader:
                     out[sel] = chunk[rows[sel] - k * cf]
         return out
 
+    def _remote_failure(self, err, location):
+        """An unreachable or refusing object store is not a damaged entry: say which it is."""
+        if not self.loc.local and is_transport_error(err):
+            self._fast.pop(location, None)  # look at the layout again once the store is back
+            raise err if isinstance(err, StorageError) else StorageError(self.loc.explain(err, location)) from None
+
     def _open(self, location, rows=0):
         """The zarr array, reopened when a writer has grown it past the rows we need."""
         a = self._arrays.get(location)
         if a is None or a.shape[0] < rows:
             try:
-                a = zarr.open_array(LocalStore(self.root, read_only=True), path=location, mode="r")
+                zstore = LocalStore(self.root, read_only=True) if self.loc.local else self.loc.zarr_store(True)
+                a = zarr.open_array(zstore, path=location, mode="r")
             except Exception as e:  # noqa: BLE001
-                raise CorruptEntryError(f"{self.root / location}: cannot open array ({e})") from e
+                self._remote_failure(e, location)
+                raise CorruptEntryError(f"{self.loc.display(location)}: cannot open array ({e})") from e
             self._arrays[location] = a
         return a
 
@@ -266,17 +326,19 @@ class ZarrReader:
         a = self._open(location, r1)
         per_file = (a.shards or a.chunks)[0]
         if r1 > a.shape[0]:
-            raise CorruptEntryError(f"{self.root / location}: rows {r0}..{r1} are past the array "
+            raise CorruptEntryError(f"{self.loc.display(location)}: rows {r0}..{r1} are past the array "
                                     f"end {a.shape[0]}")
         parts = []
         for s in range(r0 // per_file, (r1 - 1) // per_file + 1):
-            path = self.root / location / _shard_key(s)
-            if not path.exists():  # zarr would return zeros
+            key = f"{location}/{_shard_key(s)}"
+            path = self.loc.display(key)
+            if not ((self.root / key).exists() if self.loc.local else self.loc.exists(key)):  # zarr: zeros
                 raise CorruptEntryError(f"{path}: shard file missing")
             lo, hi = max(r0, s * per_file), min(r1, (s + 1) * per_file)
             try:
                 parts.append(a[lo:hi])
             except Exception as e:  # noqa: BLE001 - zarr raises many kinds on damaged files
+                self._remote_failure(e, location)
                 raise CorruptEntryError(f"{path}: rows {lo}..{hi - 1} unreadable ({_zarr_error(e)})") from e
         return np.concatenate(parts)
 

@@ -46,7 +46,10 @@ class IngestConfig:
         "help": "SD latent scale, recorded for the trainer (latents are stored unscaled)"})
 
     # -- the cache --------------------------------------------------------------------------------
-    cache_folder: str = field(default="", metadata={"help": "the latent cache to create or continue"})
+    cache_folder: str = field(default="", metadata={
+        "help": "the latent cache to create or continue: a folder or a URL (s3://bucket/prefix, zarr only)"})
+    s3_endpoint_url: str = field(default="", metadata={
+        "help": "S3-compatible endpoint for an s3:// cache_folder (default: AWS_ENDPOINT_URL, else AWS)"})
     format: str = field(default="zarr", metadata={"choices": ("zarr", "mindrecord"), "help": "store format"})
     dtype: str = field(default="float16", metadata={
         "choices": ("float16", "float32"), "help": "stored dtype of the posterior mean and std"})

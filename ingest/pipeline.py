@@ -37,8 +37,9 @@ from tqdm import tqdm
 
 import models.runtime  # noqa: F401, I001 - MindSpore before decord (ingest.readers): the other order aborts
 import cache_store
+from cache_store.fs import is_url
 from cache_store.manifest import part_path
-from cache_store.store import MINDRECORD_META, ZARR_META
+from cache_store.store import is_cache
 from ingest.config import IngestConfig
 from ingest.readers import iter_frame_batches, open_reader, probe
 from ingest.sources import EntryError, discover_entries
@@ -486,8 +487,10 @@ def prepare(cfg, setup_device=False, environ=None):
     cfg.validate()  # parse_config already did; an IngestConfig built in code gets the same checks
     shards = resolve_shards(cfg, environ)
     num_shards, shard_index, _ = shards
-    cache = Path(cfg.cache_folder)
-    entries = discover_entries(cfg.data_folder, exclude=[cache])  # a cache inside the data is not data
+    remote = is_url(cfg.cache_folder)
+    cache = cfg.cache_folder if remote else Path(cfg.cache_folder)  # Path() would fold s3:// to s3:/
+    endpoint = cfg.s3_endpoint_url or None
+    entries = discover_entries(cfg.data_folder, exclude=[] if remote else [cache])  # a cache inside the data is not data
     if cfg.resume_index >= len(entries):
         raise ValueError(f"resume_index {cfg.resume_index} is past the last of the {len(entries)} entries in "
                          f"{cfg.data_folder}: use 0..{len(entries) - 1}")
@@ -496,9 +499,14 @@ def prepare(cfg, setup_device=False, environ=None):
     if cfg.labels:  # class index <-> name map in the store's settings; unlabelled entries are skipped
         from ingest.sources import apply_labels
         entries, settings["class_names"] = apply_labels(entries, cfg.labels)
-    _check_cache_folder(cache)
-    layout = {"chunk_frames": cfg.chunk_frames, "shard_frames": cfg.shard_frames, "segment_frames": cfg.segment_frames}
-    if (cache / ZARR_META).exists() or (cache / MINDRECORD_META).exists():
+    if not remote:
+        _check_cache_folder(cache)
+    elif cfg.format != "zarr":
+        raise ValueError(f"cache_folder {cache}: MindRecord caches are local only (MindSpore writes and reads them "
+                         f"as named local files); use --format zarr for a URL")
+    layout = {"chunk_frames": cfg.chunk_frames, "shard_frames": cfg.shard_frames, "segment_frames": cfg.segment_frames,
+              "endpoint_url": endpoint}
+    if is_cache(cache, endpoint):  # (remote: also checks bucket, credentials and endpoint, in one line)
         existing = cache_store.create_or_open(cache, settings, format=cfg.format, **layout)  # settings match?
         existing.check_writer_free(shard_index, num_shards)  # another live process on this shard?
     if setup_device:
@@ -515,7 +523,7 @@ def prepare(cfg, setup_device=False, environ=None):
     rows = store.rows()
     result = IngestResult(cache_folder=str(cache), manifest="", num_shards=num_shards, shard_index=shard_index,
                           start_index=cfg.resume_index, next_index=cfg.resume_index, total_entries=len(entries))
-    result.manifest = str(part_path(cache, f"{shard_index:05d}-of-{num_shards:05d}"))
+    result.manifest = str(part_path(store.loc, f"{shard_index:05d}-of-{num_shards:05d}"))
     todo = []
     for i, e in enumerate(entries):
         if i < cfg.resume_index or i % num_shards != shard_index:
@@ -573,6 +581,9 @@ def main(argv=None):
         previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         job.run()
+    except cache_store.StorageError as err:  # the object store went away mid-run: commits are kept
+        print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
+        return 1
     except ValueError as err:  # another process took this shard between prepare()'s check and now
         print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
         return 2

@@ -75,7 +75,10 @@ class TrainConfig:
     data_source: str = field(default="cache", metadata={
         "choices": ("cache", "video"),
         "help": "cache: latents from `latte ingest`; video: raw frame folders/videos, VAE-encoded on the fly"})
-    cache_folder: str = field(default="", metadata={"help": "latent cache written by `latte ingest` (data_source cache)"})
+    cache_folder: str = field(default="", metadata={
+        "help": "latent cache written by `latte ingest` (data_source cache): a folder or a URL (s3://bucket/prefix)"})
+    s3_endpoint_url: str = field(default="", metadata={
+        "help": "S3-compatible endpoint for an s3:// cache_folder (default: AWS_ENDPOINT_URL, else AWS)"})
     data_folder: str = field(default="", metadata={"help": "frame folders / videos (data_source video)"})
     vae_checkpoint: str = field(default="", metadata={"help": "converted SD VAE weights (data_source video)"})
     vae_micro_batch: int = field(default=8, metadata={"help": "frames per VAE encoder call (data_source video)"})

@@ -192,15 +192,16 @@ def make_loader(source, start_draw, num_draws, batch_size, num_workers=2, chunk_
 # the two sources of clips
 # ------------------------------------------------------------------------------------------------
 
-def open_cache(folder):
-    """(store, manifest rows, scale factor, latent shape (C, h, w)) of a `latte ingest` cache."""
+def open_cache(folder, endpoint_url=None):
+    """(store, manifest rows, scale factor, latent shape (C, h, w)) of a `latte ingest` cache (a folder
+    or a URL; `endpoint_url` for S3-compatible services)."""
     import cache_store
 
     try:
-        store = cache_store.open(folder)
-    except (FileNotFoundError, ValueError) as err:
+        store = cache_store.open(folder, endpoint_url or None)
+        rows = store.entries().to_pylist()
+    except (OSError, ValueError) as err:  # incl. cache_store.fs.StorageError (unreachable store)
         raise DataError(f"cannot open the latent cache {folder}: {err}") from None
-    rows = store.entries().to_pylist()
     scale = float(store.settings.get("scale_factor", 0.18215))
     return store, rows, scale, tuple(int(s) for s in store.latent_shape)
 
@@ -280,7 +281,8 @@ class TrainData:
         self.vae = None
         self.class_names = None
         if cfg.data_source == "cache":
-            self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder)
+            self.store, rows, self.scale, self.latent_shape = open_cache(cfg.cache_folder,
+                                                                        cfg.s3_endpoint_url)
             self.scale = resolve_scale_factor(cfg, self.store, self.scale)
             self.class_names = resolve_classes(cfg, self.store)
             read = cache_reader(self.store, cfg.num_frames, cfg.sample_stride)
@@ -339,6 +341,8 @@ class TrainData:
 
     def unreadable(self, item, problem):
         """The one-line error for an entry that cannot be read, training or held out alike."""
+        if self.cfg.data_source == "cache" and ("cannot reach the object store" in problem or "access denied" in problem):
+            return DataError(f"cache entry {item.id!r} cannot be read: {problem}")  # the store's trouble, not damage
         if self.cfg.data_source == "cache":
             hint = "" if "latte cache verify" in problem else f"; run `latte cache verify {self.cfg.cache_folder}`"
             return DataError(f"cache entry {item.id!r} cannot be read at train time, the cache was damaged after "
