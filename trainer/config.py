@@ -7,9 +7,8 @@ turns every impossible combination into a one-line ConfigError naming the key an
 from dataclasses import dataclass, field
 
 from models.config import ConfigError
+from models.registry import MODEL_NAMES
 
-MODEL_NAMES = ("Latte-XL/2", "Latte-XL/4", "Latte-XL/8", "Latte-L/2", "Latte-L/4", "Latte-L/8",
-               "Latte-B/2", "Latte-B/4", "Latte-B/8", "Latte-S/2", "Latte-S/4", "Latte-S/8")
 
 # Keys that fix the network's shapes: a resumed run must agree with its checkpoint on these.
 ARCH_KEYS = ("model_name", "num_frames", "num_classes", "learn_sigma", "hidden_size", "depth", "num_heads")
