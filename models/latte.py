@@ -28,6 +28,7 @@ from mindspore.common.initializer import Normal, XavierUniform, Zero, initialize
 
 from models import cpu_kernels
 from models.runtime import device_target
+from models.dtypes import ms_dtype
 from models.registry import MODEL_NAMES, variant_sizes
 
 
@@ -512,8 +513,7 @@ class Latte(nn.Cell):
             raise ValueError(f"depth={depth} must be even: blocks alternate spatial, temporal")
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
-        if dtype not in (ms.float32, ms.float16, ms.bfloat16):
-            raise ValueError(f"dtype={dtype} is not supported: use mindspore.float32, float16 or bfloat16")
+        dtype = ms_dtype(dtype)  # also takes "fp32" / "fp16" / "bf16"
         if enable_flash_attention:
             target = ms.get_context("device_target")
             if target != "Ascend":
