@@ -29,6 +29,7 @@ import numpy as np
 
 from models.checkpoint_io import (CHECKSUM_KEY, CheckpointFormatError, UnsafeCheckpointError, atomic_write,
                                   map_safetensors, read_checkpoint, read_header, verify_checksum, write_safetensors)
+from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
 from models.registry import heads_for_hidden, variant_of
 
 METADATA_KEY = "latte_convert_metadata"  # the JSON string stored beside the tensors
@@ -237,7 +238,6 @@ def build_network(kind, config):
 # writing and loading MindSpore weights
 # ----------------------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
 
 
 def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None, check=None):
@@ -250,7 +250,7 @@ def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None, chec
     def cast(value):  # floating tensors only; bf16 is rounded from float32 by the writer
         if not np.issubdtype(value.dtype, np.floating):
             return value
-        return value.astype(np.float32 if dtype == "bf16" else DTYPES[dtype], copy=False)
+        return value.astype(np.float32 if dtype == "bf16" else NUMPY_DTYPES[dtype], copy=False)
 
     if fmt == "safetensors":
         tensors = {name: cast(np.asarray(v)) for name, v in state_dict.items()}
@@ -523,7 +523,7 @@ def build_parser():
     parser.add_argument("--target", required=True, help="output file: .ckpt, or .safetensors")
     parser.add_argument("--format", choices=("ckpt", "safetensors"), default=None,
                         help="output format (default: from the target's suffix, else ckpt)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored dtype (default fp32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="stored dtype (default fp32)")
     parser.add_argument("--group", default=None,
                         help="which group of a training checkpoint to take (default: ema, else model, else all)")
     parser.add_argument("--num-heads", type=int, default=None,

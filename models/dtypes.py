@@ -7,11 +7,15 @@ DTYPE_NAMES = ("fp32", "fp16", "bf16")
 NUMPY_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # bf16: stored, numpy lacks it
 
 
-def ms_dtype(name):
-    """The MindSpore dtype of "fp32" / "fp16" / "bf16" (a MindSpore dtype is returned as it is)."""
+def _table():
     import mindspore as ms
 
-    table = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+    return {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+def ms_dtype(name):
+    """The MindSpore dtype of "fp32" / "fp16" / "bf16" (a MindSpore dtype is returned as it is)."""
+    table = _table()
     if not isinstance(name, str):
         if name not in table.values():
             raise ValueError(f"dtype={name} is not supported: use mindspore.float32, float16 or bfloat16")
@@ -22,8 +26,10 @@ def ms_dtype(name):
 
 
 def device_dtype_problem(device_target, dtype="fp32", flash_attention=False, key="dtype"):
-    """One line saying why `dtype` (and flash attention) cannot run on `device_target`, or None.
-    `key` names the config key in the message."""
+    """One line saying why `dtype` (a name or a MindSpore dtype) and flash attention cannot run on
+    `device_target`, or None. `key` names the config key in the message."""
+    if not isinstance(dtype, str):
+        dtype = next(name for name, value in _table().items() if value == ms_dtype(dtype))
     if dtype == "bf16" and device_target == "CPU":
         return (f"{key} bf16 is not supported on CPU (no bf16 matmul kernels): use {key} fp32 on CPU, "
                 "or device_target Ascend/GPU")

@@ -28,7 +28,7 @@ from mindspore.common.initializer import Normal, XavierUniform, Zero, initialize
 
 from models import cpu_kernels
 from models.runtime import device_target
-from models.dtypes import ms_dtype
+from models.dtypes import device_dtype_problem, ms_dtype
 from models.registry import MODEL_NAMES, variant_sizes
 
 
@@ -515,12 +515,9 @@ class Latte(nn.Cell):
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
         dtype = ms_dtype(dtype)  # also takes "fp32" / "fp16" / "bf16"
         if enable_flash_attention:
-            target = ms.get_context("device_target")
-            if target != "Ascend":
-                raise ValueError(f"enable_flash_attention needs an Ascend device, not {target}: "
-                                 "set enable_flash_attention=False")
-            if dtype == ms.float32:
-                raise ValueError("enable_flash_attention needs dtype float16 or bfloat16, not float32")
+            problem = device_dtype_problem(ms.get_context("device_target"), dtype, flash_attention=True)
+            if problem:
+                raise ValueError(problem)
         # The fused C++ kernels serve the CPU float32 path; None picks them whenever they apply.
         fused_ok = device_target() == "CPU" and dtype == ms.float32 and not enable_flash_attention
         if cpu_kernels and not fused_ok:

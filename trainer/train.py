@@ -188,9 +188,8 @@ def train(cfg):
     net_config = latte_config(cfg, data.latent_shape)
     if meta is not None:
         _check_same_model(meta, cfg, net_config, resume_path)
-    dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.dtype]
     ms.set_seed(cfg.seed)  # the same initial weights on every rank
-    net = Latte(**net_config, dtype=dtype, use_recompute=cfg.use_recompute,
+    net = Latte(**net_config, dtype=cfg.dtype, use_recompute=cfg.use_recompute,
                 enable_flash_attention=cfg.enable_flash_attention)
     # Eval mode on purpose: label dropout is done on the host (see _micro_batch) so it is reproducible.
     net.set_train(False)
