@@ -46,10 +46,7 @@ from ingest.sources import EntryError, discover_entries
 from ingest.transforms import transform_frames
 from models.config import parse_config
 
-TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 VIDEO_CHUNK_FRAMES = 64  # frames of a video read per VideoReader (see Prefetcher._batches)
-VAE_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
-            "norm_num_groups")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,18 +101,8 @@ def describe_vae(cfg):
     if not path:
         assert cfg.allow_random_vae, "IngestConfig.validate lets no weights through without allow_random_vae"
         return from_keys, f"random-seed-{cfg.random_vae_seed}"
-    if path.endswith(TORCH_SUFFIXES):
-        raise ValueError(f"vae_weights {path} is a PyTorch file: convert it first with `latte convert --kind vae "
-                         f"--source {path} --target sd-vae-ft-mse.ckpt` and pass the .ckpt")
-    if not os.path.isfile(path):
-        raise ValueError(f"vae_weights {path} not found: pass the converted sd-vae-ft-mse (.ckpt / .safetensors)")
-    from models.convert import read_metadata
-    meta = read_metadata(path)
-    if meta.get("kind", "vae") != "vae":
-        raise ValueError(f"vae_weights {path} holds {meta['kind']} weights, not a VAE: pass the converted "
-                         f"sd-vae-ft-mse (`latte convert --kind vae`)")
-    config = {k: v for k, v in (meta.get("config") or from_keys).items() if k in VAE_KEYS}
-    return config, sha256_file(path)
+    from models.vae import vae_config
+    return vae_config(path, "vae_weights", default=from_keys), sha256_file(path)
 
 
 def randomize_vae(vae, seed):
@@ -139,19 +126,15 @@ _WARM = set()    # (id(vae), batch, size) already compiled
 
 def build_vae(cfg, config, weights_id):
     """The AutoencoderKL of `describe_vae`, weights loaded strictly (a mismatch is a ValueError)."""
-    import mindspore as ms
-
-    from models.convert import load_weights
     from models.runtime import device_target
-    from models.vae import AutoencoderKL
+    from models.vae import AutoencoderKL, load_vae
 
     key = (weights_id, json.dumps(config, sort_keys=True), cfg.vae_dtype, device_target())
     if key not in _VAE_CACHE:
-        dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.vae_dtype]
-        vae = AutoencoderKL(**config, dtype=dtype)
         if cfg.vae_weights:
-            load_weights(vae, cfg.vae_weights)
+            vae = load_vae(cfg.vae_weights, cfg.vae_dtype, config)
         else:
+            vae = AutoencoderKL(**config, dtype=cfg.vae_dtype)
             randomize_vae(vae, cfg.random_vae_seed)
         _VAE_CACHE.clear()  # only once the new one loaded: a bad weights file evicts nothing
         _WARM.clear()

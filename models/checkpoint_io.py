@@ -6,8 +6,9 @@ Unpickling an untrusted file with the stock `pickle` module can run arbitrary co
 `read_checkpoint` uses an unpickler that resolves only the handful of globals that tensor storage
 needs, each mapped to a pure-numpy stand-in. Any other global is refused before it is called.
 
-`.safetensors` is an 8-byte header length, a JSON header and raw little-endian bytes; it is read and
-written here directly so the `safetensors` package is not needed either.
+`.safetensors` files are written and validated with the `safetensors` package; this module adds
+what it lacks (bfloat16, memory-mapped reading, the atomic write and a checksum over header and
+data), and is the one place in the project that reads or writes weights files.
 """
 import collections
 import io
@@ -15,7 +16,9 @@ import json
 import os
 import pickle
 import struct
+import tempfile
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -168,41 +171,73 @@ def _read_torch_zip(path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# safetensors
+# safetensors: the `safetensors` package writes and validates the format; kept here is what it lacks
+# for us: bfloat16 <-> float32 (numpy has no bfloat16), memory-mapped reading (a 2.7 GB Latte-XL file
+# is loaded one tensor at a time), the atomic write, and a checksum over header and data.
 # ----------------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
+# safetensors dtype -> numpy dtype of the stored bytes ("BF16" is widened to float32 on reading).
+_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
               "BOOL": np.bool_}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items() if v != "bfloat16"}
+_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items() if k != "BF16"}
+CHECKSUM_KEY = "checksum"
+_CHUNK = 1 << 24
+
+
+def float32_to_bf16(array):
+    """float32 -> raw bfloat16 bits (uint16), rounding to nearest even as torch does; NaN stays NaN."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded).astype(np.uint16)
+
+
+def read_header(path):
+    """(tensor entries {name: {"dtype", "shape", "data_offsets"}}, metadata, offset of the data). The
+    package validates the layout (offsets, sizes, file length); the offsets it does not expose are
+    read from the JSON header. Raises CheckpointFormatError naming the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise CheckpointFormatError(f"{path}: header length {n} exceeds the file: truncated or not "
+                                            f"a safetensors file")
+            header = json.loads(f.read(n))
+        end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+        if size < 8 + n + end:
+            raise CheckpointFormatError(f"{path}: {size} bytes but the header describes {8 + n + end}: truncated")
+        with safe_open(path, "np") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as err:
+        if isinstance(err, CheckpointFormatError):
+            raise
+        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointFormatError(f"{path}: damaged or not a safetensors file ({problem})") from None
+    header.pop("__metadata__", None)
+    return header, metadata, 8 + n
+
+
+def map_safetensors(path, prefix=""):
+    """{name: array} of the tensors whose names start with `prefix`, memory-mapped read-only (BF16
+    widened to float32 in memory): callers copy one tensor at a time, so no second copy of the file."""
+    header, _, start = read_header(path)
+    mapped = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) > start else np.zeros(0, np.uint8)
+    out = collections.OrderedDict()
+    for name, info in header.items():
+        if name.startswith(prefix):
+            begin, end = (start + o for o in info["data_offsets"])
+            array = mapped[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+            out[name] = bf16_to_float32(array) if info["dtype"] == "BF16" else array
+    return out
 
 
 def read_safetensors(path, with_metadata=False):
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise CheckpointFormatError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > 100_000_000:
-            raise CheckpointFormatError(f"{path}: header length {n} is implausible: not a safetensors file")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise CheckpointFormatError(f"{path}: header is not JSON: not a safetensors file") from None
-        data = f.read()
-    metadata = header.pop("__metadata__", None) or {}
-    tensors = collections.OrderedDict()
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if end > len(data):
-            raise CheckpointFormatError(f"{path}: tensor {name!r} lies past the end of the file (truncated?)")
-        kind = _ST_DTYPES.get(info["dtype"])
-        if kind is None:
-            raise CheckpointFormatError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        raw = np.frombuffer(data[begin:end], dtype=np.uint16 if kind == "bfloat16" else kind)
-        array = bf16_to_float32(raw) if kind == "bfloat16" else raw.copy()
-        tensors[name] = array.reshape(info["shape"])
-    return (tensors, metadata) if with_metadata else tensors
+    """{name: ndarray} (own memory) of a safetensors file, and its metadata if asked."""
+    tensors = collections.OrderedDict((k, np.array(v)) for k, v in map_safetensors(path).items())
+    return (tensors, read_header(path)[1]) if with_metadata else tensors
 
 
 def fsync_dir(folder):
@@ -218,32 +253,94 @@ def fsync_dir(folder):
         os.close(fd)
 
 
-def write_safetensors(path, tensors, metadata=None):
-    """Write `{name: ndarray}` atomically (temp file, fsync, rename). Metadata values must be strings.
-    Tensors are written one at a time, so no second copy of the whole file is held in memory."""
-    header, offset, arrays = {}, 0, []
-    for name, array in tensors.items():
-        array = np.asarray(array)
-        if array.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {array.dtype} cannot be stored in safetensors")
-        header[name] = {"dtype": _ST_NAMES[array.dtype], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-        arrays.append(array)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # the format aligns the data start to 8 bytes
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
-        for array in arrays:
-            little = array.astype(array.dtype.newbyteorder("<"), copy=False)
-            f.write(np.ascontiguousarray(little).data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def atomic_write(path, write, prefix=None, suffix=".tmp", check=None):
+    """Call `write(temp_path)`, fsync the temp file, `check(temp_path)` if given, then rename it over
+    `path` and fsync the folder: a crash or a failed check leaves the old file (or none), never a
+    partial or unchecked one. The temp file lies in the same folder (so the rename is atomic)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=prefix or f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a weights file is an ordinary file
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    fsync_dir(folder)
+
+
+def _stored(array, bf16):
+    """(contiguous little-endian array of the bytes to store, safetensors dtype name)."""
+    array = np.asarray(array)
+    if bf16 and np.issubdtype(array.dtype, np.floating):
+        return float32_to_bf16(array), "BF16"
+    if array.dtype not in _ST_NAMES:
+        raise ValueError(f"dtype {array.dtype} cannot be stored in safetensors")
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"), copy=False)), _ST_NAMES[array.dtype]
+
+
+def _header_digest(entries, metadata):
+    """The canonical JSON of what the header says (names, dtypes, shapes, metadata but the checksum):
+    the checksum covers it, so an edited shape or sampler position fails like a flipped data bit."""
+    described = {name: [info["dtype"], list(info["shape"])] for name, info in entries.items()}
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    return json.dumps([described, meta], sort_keys=True, separators=(",", ":")).encode()
+
+
+def write_safetensors(path, tensors, metadata=None, dtype="fp32", prefix=None, suffix=".tmp", check=None):
+    """Write `{name: ndarray}` atomically (`atomic_write`), with string metadata and a checksum of
+    header and data under "checksum". dtype "bf16" stores floating tensors as bfloat16 (others as
+    they are). `prefix`, `suffix` and `check` go to `atomic_write`. The package writes straight from the arrays' memory: no second copy of the file."""
+    arrays, entries = {}, {}
+    for name, value in tensors.items():
+        try:
+            arrays[name], st_dtype = _stored(value, dtype == "bf16")
+        except ValueError as err:
+            raise ValueError(f"tensor {name!r}: {err}") from None
+        entries[name] = {"dtype": st_dtype, "shape": list(arrays[name].shape)}
+    metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+    crc = zlib.crc32(_header_digest(entries, metadata))
+    for name in sorted(arrays):
+        crc = zlib.crc32(arrays[name].reshape(-1).view(np.uint8), crc)
+    metadata[CHECKSUM_KEY] = f"crc32:{crc:08x}"
+
+    def write(tmp):
+        from safetensors import TensorSpec, serialize_file
+        specs = {name: TensorSpec(dtype="bfloat16" if entries[name]["dtype"] == "BF16" else a.dtype.name,
+                                  shape=a.shape, data_ptr=a.ctypes.data, data_len=a.nbytes)
+                 for name, a in arrays.items()}
+        serialize_file(specs, tmp, metadata=metadata)
+
+    atomic_write(path, write, prefix=prefix, suffix=suffix, check=check)
+
+
+def verify_checksum(path):
+    """Check the checksum of a file `write_safetensors` wrote, reading the data in chunks. Returns
+    the metadata; raises CheckpointFormatError naming the file if it fails or has no checksum."""
+    entries, metadata, start = read_header(path)
+    stored = metadata.get(CHECKSUM_KEY)
+    if stored is None:
+        raise CheckpointFormatError(f"{path}: has no checksum")
+    crc = zlib.crc32(_header_digest(entries, metadata))
+    with open(path, "rb") as f:
+        for name in sorted(entries):
+            begin, end = entries[name]["data_offsets"]
+            f.seek(start + begin)
+            while begin < end:
+                chunk = f.read(min(_CHUNK, end - begin))
+                if not chunk:
+                    break
+                crc, begin = zlib.crc32(chunk, crc), begin + len(chunk)
+    if f"crc32:{crc:08x}" != stored:
+        raise CheckpointFormatError(f"{path}: checksum mismatch: the file is corrupt")
+    return metadata
 
 
 # ----------------------------------------------------------------------------------------------------

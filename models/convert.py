@@ -27,15 +27,15 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import CheckpointFormatError, UnsafeCheckpointError, fsync_dir, read_checkpoint
+from models.checkpoint_io import (CHECKSUM_KEY, CheckpointFormatError, UnsafeCheckpointError, atomic_write,
+                                  map_safetensors, read_checkpoint, read_header, verify_checksum, write_safetensors)
+from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
+from models.registry import heads_for_hidden, variant_of
 
 METADATA_KEY = "latte_convert_metadata"  # the JSON string stored beside the tensors
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 LIST_NAMES = 5  # how many names an error message lists per category
 
-# Latte variants of the original registry: (depth, hidden_size, num_heads) -> size letter.
-LATTE_VARIANTS = {(28, 1152, 16): "XL", (24, 1024, 16): "L", (12, 768, 12): "B", (12, 384, 6): "S"}
-LATTE_HEADS = {1152: 16, 1024: 16, 768: 12, 384: 6}
 
 # Names that tell a state dict's kind; checked after unwrapping.
 KIND_KEYS = {
@@ -184,7 +184,7 @@ def infer_latte_config(state_dict, num_heads=None):
         raise ValueError(f"inconsistent Latte shapes: pos_embed has {tokens} tokens, final layer "
                          f"{out_features} outputs for patch {patch} and {in_channels} channels")
     if num_heads is None:
-        num_heads = LATTE_HEADS.get(int(hidden))
+        num_heads = heads_for_hidden(int(hidden))
         if num_heads is None:
             raise ValueError(f"hidden size {hidden} is not a registry variant, so the number of heads is "
                              f"unknown: pass --num-heads N")
@@ -200,8 +200,7 @@ def infer_latte_config(state_dict, num_heads=None):
 
 def latte_variant(config):
     """Registry name ("Latte-XL/2") of a config, or None for a custom size."""
-    size = LATTE_VARIANTS.get((config["depth"], config["hidden_size"], config["num_heads"]))
-    return f"Latte-{size}/{config['patch_size']}" if size and config.get("mlp_ratio", 4.0) == 4.0 else None
+    return variant_of(config)
 
 
 def infer_vae_config(state_dict, norm_num_groups=32):
@@ -239,29 +238,24 @@ def build_network(kind, config):
 # writing and loading MindSpore weights
 # ----------------------------------------------------------------------------------------------------
 
-DTYPES = {"fp32": np.float32, "fp16": np.float16, "bf16": "bfloat16"}
 
 
-def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None):
+def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None, check=None):
     """Write `{name: ndarray}` as a MindSpore .ckpt or a .safetensors file, atomically: a crash
-    leaves either the old file or the complete new one. Consumes `state_dict` to bound memory."""
+    leaves either the old file or the complete new one. `check(temp_path)`, if given, runs on the
+    written file before it replaces `path` (a failed check leaves no file). Consumes `state_dict`."""
     path = os.fspath(path)
     meta = json.dumps(metadata or {}, sort_keys=True)
-    folder = os.path.dirname(os.path.abspath(path))
 
-    def cast(value):  # floating tensors only; numpy has no bfloat16, so that stays float32 here
+    def cast(value):  # floating tensors only; bf16 is rounded from float32 by the writer
         if not np.issubdtype(value.dtype, np.floating):
             return value
-        return value.astype(np.float32 if dtype == "bf16" else DTYPES[dtype], copy=False)
+        return value.astype(np.float32 if dtype == "bf16" else NUMPY_DTYPES[dtype], copy=False)
 
     if fmt == "safetensors":
-        from models.checkpoint_io import write_safetensors
-        if dtype == "bf16":
-            raise ValueError("bf16 is not supported for safetensors output: use --dtype fp16 or fp32")
         tensors = {name: cast(np.asarray(v)) for name, v in state_dict.items()}
         state_dict.clear()
-        write_safetensors(path, tensors, {METADATA_KEY: meta})
-        fsync_dir(folder)
+        write_safetensors(path, tensors, {METADATA_KEY: meta}, dtype, suffix=".tmp.safetensors", check=check)
         return
     if fmt != "ckpt" or not path.endswith(".ckpt"):
         raise ValueError(f"{path}: cannot write format {fmt!r} under this name: "
@@ -275,57 +269,14 @@ def save_weights(path, state_dict, fmt="ckpt", dtype="fp32", metadata=None):
             value = value.astype(ms.bfloat16)
         items.append({"name": name, "data": value})
     # save_checkpoint appends ".ckpt" to other names, so the temp name must end with it too.
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}.ckpt")
-    try:
-        ms.save_checkpoint(items, tmp, append_dict={METADATA_KEY: meta})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    fsync_dir(folder)
+    atomic_write(path, lambda tmp: ms.save_checkpoint(items, tmp, append_dict={METADATA_KEY: meta}),
+                 suffix=".ckpt", check=check)
 
 
-_ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64,
-              "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-def _safetensors_header(path):
-    """(header dict with "__metadata__" removed, metadata, offset of the data section)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > size - 8:
-            raise ValueError(f"header length {n} exceeds the file")
-        header = json.loads(f.read(n))
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return header, header.pop("__metadata__", None) or {}, 8 + n
-
-
-def _map_safetensors(path, prefix=""):
-    """{name: read-only memory-mapped array} of a safetensors file: loading copies one tensor at a
-    time into the network, so a 2.7 GB Latte-XL file needs no second 2.7 GB in memory."""
-    from models.checkpoint_io import bf16_to_float32
-
-    try:
-        header, _, start = _safetensors_header(path)
-        mapped = np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) > start else np.zeros(0, np.uint8)
-        out = {}
-        for name, info in header.items():
-            if not name.startswith(prefix):
-                continue
-            begin, end = (start + o for o in info["data_offsets"])
-            if end > mapped.size:
-                raise ValueError(f"tensor {name!r} lies past the end of the file")
-            array = mapped[begin:end].view(_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-            out[name] = bf16_to_float32(array) if info["dtype"] == "BF16" else array
-        return out
-    except (struct.error, ValueError, KeyError, TypeError, OverflowError) as err:
-        raise ValueError(f"{path}: damaged or not a safetensors file ({err}); re-create it with "
-                         f"`latte convert`") from None
-
+# .ckpt output (MindSpore's own format, what MindSpore users expect) still needs the two pieces
+# below: reading one string entry without parsing the whole file (MindSpore parses all 2.7 GB of a
+# Latte-XL file to return it), and loading a .ckpt while the page cache holds the memory.
+# .safetensors files need neither: their header is JSON and their data is memory-mapped.
 
 def _varint(buf, pos):
     result = shift = 0
@@ -396,7 +347,7 @@ def read_metadata(path):
         raise ValueError(f"{path}: no such weights file: check the path")
     try:
         if path.endswith(".safetensors"):
-            raw = _safetensors_header(path)[1].get(METADATA_KEY)
+            raw = read_header(path)[1].get(METADATA_KEY)
         else:
             raw = _ckpt_string(path, METADATA_KEY)
     except (IndexError, ValueError, struct.error):
@@ -419,7 +370,12 @@ def _read_for_loading(path, prefix):
         raise ValueError(f"{path} is a PyTorch file: convert it first with "
                          f"`latte convert --kind latte|vae --source {path} --target <name>.ckpt`")
     if path.endswith(".safetensors"):
-        values = _map_safetensors(path, prefix)
+        try:
+            if CHECKSUM_KEY in read_header(path)[1]:
+                verify_checksum(path)  # files this project wrote carry one: a damaged file is refused
+            values = map_safetensors(path, prefix)
+        except CheckpointFormatError as err:
+            raise ValueError(f"{err}; re-create it with `latte convert` (or use another checkpoint)") from None
     elif path.endswith(".ckpt"):
         values = _read_ckpt(path, prefix)
     else:
@@ -481,6 +437,19 @@ def _read_ckpt(path, prefix):
                      f"`latte convert` or re-save it")
 
 
+def mismatches(params, values):
+    """(one line naming the missing, unexpected and mis-shaped tensors or "", the missing names) of
+    `values` ({name: array}) against a network's `params` ({name: Parameter or array})."""
+    missing = [name for name in params if name not in values]
+    unexpected = [name for name in values if name not in params]
+    misshaped = [f"{name} {tuple(values[name].shape)} vs {tuple(params[name].shape)}"
+                 for name in params if name in values and tuple(values[name].shape) != tuple(params[name].shape)]
+    parts = [f"{len(missing)} missing ({_some(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({_some(unexpected)})" if unexpected else "",
+             f"{len(misshaped)} mis-shaped, file vs network ({_some(misshaped)})" if misshaped else ""]
+    return "; ".join(p for p in parts if p), missing
+
+
 def load_weights(net, path, group=None, prefix=None):
     """Copy every parameter of `net` from a .ckpt / .safetensors file, strictly: a name missing
     from the file, a tensor the net has no parameter for, or a shape mismatch is a ValueError that
@@ -497,18 +466,11 @@ def load_weights(net, path, group=None, prefix=None):
     values = _read_for_loading(path, prefix)
     params = net.parameters_dict()
 
-    missing = [name for name in params if name not in values]
-    unexpected = [name for name in values if name not in params]
-    misshaped = [f"{name} {tuple(values[name].shape)} vs {tuple(params[name].shape)}"
-                 for name in params if name in values and tuple(values[name].shape) != tuple(params[name].shape)]
-    if missing or unexpected or misshaped:
-        parts = [f"{len(missing)} missing ({_some(missing)})" if missing else "",
-                 f"{len(unexpected)} unexpected ({_some(unexpected)})" if unexpected else "",
-                 f"{len(misshaped)} mis-shaped, file vs network ({_some(misshaped)})" if misshaped else ""]
+    problems, missing = mismatches(params, values)
+    if problems:
         where = f" under '{prefix}'" if prefix else ""
         hint = _group_hint(path, prefix, values, params) if len(missing) == len(params) else ""
-        raise ValueError(f"{path}{where} does not match {type(net).__name__}: "
-                         f"{'; '.join(p for p in parts if p)}{hint}")
+        raise ValueError(f"{path}{where} does not match {type(net).__name__}: {problems}{hint}")
 
     for name, param in params.items():
         value = values.pop(name)
@@ -540,7 +502,7 @@ def _group_hint(path, prefix, values, params):
 
 def _all_names(path):
     if path.endswith(".safetensors"):
-        return list(_safetensors_header(path)[0])
+        return list(read_header(path)[0])
     import mindspore as ms
     with _ckpt_memory_check_uses_mem_available():
         return [k for k, v in ms.load_checkpoint(path).items() if not isinstance(v, str)]
@@ -561,14 +523,15 @@ def build_parser():
     parser.add_argument("--target", required=True, help="output file: .ckpt, or .safetensors")
     parser.add_argument("--format", choices=("ckpt", "safetensors"), default=None,
                         help="output format (default: from the target's suffix, else ckpt)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="stored dtype (default fp32)")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32", help="stored dtype (default fp32)")
     parser.add_argument("--group", default=None,
                         help="which group of a training checkpoint to take (default: ema, else model, else all)")
     parser.add_argument("--num-heads", type=int, default=None,
                         help="Latte attention heads; needed only for hidden sizes outside the registry")
     parser.add_argument("--norm-num-groups", type=int, default=32, help="VAE GroupNorm groups (default 32)")
     parser.add_argument("--check", action="store_true",
-                        help="build the inferred network and load the written file into it strictly")
+                        help="also load the written file into the inferred network before keeping it (names and "
+                             "shapes are always checked)")
     return parser
 
 
@@ -600,12 +563,21 @@ def _convert(args):
             raise
         raise ValueError(f"{args.source}: {err}") from None
     metadata["source"] = os.path.basename(args.source)
+    # Always: a state dict that does not fit the architecture inferred from it (a missing block, an
+    # extra or odd-shaped tensor) would be written as a file no network can load.
+    net = build_network(args.kind, config)
+    problems, _ = mismatches(net.parameters_dict(), state_dict)
+    if problems:
+        arguments = ", ".join(f"{k}={v}" for k, v in config.items())
+        raise ValueError(f"{args.source}: the tensors do not fit the inferred {type(net).__name__}({arguments}): "
+                         f"{problems}; nothing written")
     names = len(state_dict)
     values = sum(int(v.size) for v in state_dict.values())
     itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[args.dtype]
 
-    os.makedirs(os.path.dirname(os.path.abspath(args.target)), exist_ok=True)
-    save_weights(args.target, state_dict, fmt, args.dtype, metadata)
+    # --check loads the written file strictly before it takes the target's name: a failure leaves no file.
+    check = (lambda tmp: load_weights(net, tmp)) if args.check else None
+    save_weights(args.target, state_dict, fmt, args.dtype, metadata, check=check)
 
     print(f"converted {args.source} -> {args.target} ({args.kind}, {fmt}) in {time.time() - start:.1f}s")
     print(f"  {names} tensors, {values:,} parameters, {args.dtype}, {values * itemsize / 2**20:.1f} MB")
@@ -615,8 +587,6 @@ def _convert(args):
     for note in notes:
         print(f"  note: {note}")
     if args.check:
-        net = build_network(args.kind, config)
-        load_weights(net, args.target)
         arguments = ", ".join(f"{k}={v}" for k, v in config.items())
         print(f"  check: loaded strictly into {type(net).__name__}({arguments})")
     return 0

@@ -29,6 +29,8 @@ from mindspore.common.initializer import Normal, XavierUniform, Zero, initialize
 
 from models import cpu_kernels, plain_cells
 from models.runtime import device_target
+from models.dtypes import device_dtype_problem, ms_dtype
+from models.registry import MODEL_NAMES, variant_sizes
 
 _matmul_nt = ops.MatMul(transpose_b=True)
 
@@ -352,15 +354,11 @@ class Latte(nn.Cell):
             raise ValueError(f"depth={depth} must be even: blocks alternate spatial, temporal")
         if input_size % patch_size:
             raise ValueError(f"input_size={input_size} is not a multiple of patch_size={patch_size}")
-        if dtype not in (ms.float32, ms.float16, ms.bfloat16):
-            raise ValueError(f"dtype={dtype} is not supported: use mindspore.float32, float16 or bfloat16")
+        dtype = ms_dtype(dtype)  # also takes "fp32" / "fp16" / "bf16"
         if enable_flash_attention:
-            target = ms.get_context("device_target")
-            if target != "Ascend":
-                raise ValueError(f"enable_flash_attention needs an Ascend device, not {target}: "
-                                 "set enable_flash_attention=False")
-            if dtype == ms.float32:
-                raise ValueError("enable_flash_attention needs dtype float16 or bfloat16, not float32")
+            problem = device_dtype_problem(ms.get_context("device_target"), dtype, flash_attention=True)
+            if problem:
+                raise ValueError(problem)
         # The fused C++ kernels serve the CPU float32 path; None uses them wherever they apply.
         applies = device_target() == "CPU" and dtype == ms.float32 and not enable_flash_attention
         if fused_kernels and not applies:
@@ -492,57 +490,15 @@ def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
 #                                   Latte Configs                               #
 #################################################################################
 
-def Latte_XL_2(**kwargs):
-    return Latte(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def _constructor(name):
+    sizes = variant_sizes(name)
+
+    def build(**kwargs):
+        return Latte(**sizes, **kwargs)
+
+    build.__name__ = build.__qualname__ = name.replace("Latte-", "Latte_").replace("/", "_")
+    return build
 
 
-def Latte_XL_4(**kwargs):
-    return Latte(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def Latte_XL_8(**kwargs):
-    return Latte(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-
-def Latte_L_2(**kwargs):
-    return Latte(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def Latte_L_4(**kwargs):
-    return Latte(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def Latte_L_8(**kwargs):
-    return Latte(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-
-def Latte_B_2(**kwargs):
-    return Latte(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def Latte_B_4(**kwargs):
-    return Latte(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def Latte_B_8(**kwargs):
-    return Latte(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-
-def Latte_S_2(**kwargs):
-    return Latte(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def Latte_S_4(**kwargs):
-    return Latte(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-def Latte_S_8(**kwargs):
-    return Latte(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
-LATTE_MODELS = {
-    "Latte-XL/2": Latte_XL_2, "Latte-XL/4": Latte_XL_4, "Latte-XL/8": Latte_XL_8,
-    "Latte-L/2": Latte_L_2, "Latte-L/4": Latte_L_4, "Latte-L/8": Latte_L_8,
-    "Latte-B/2": Latte_B_2, "Latte-B/4": Latte_B_4, "Latte-B/8": Latte_B_8,
-    "Latte-S/2": Latte_S_2, "Latte-S/4": Latte_S_4, "Latte-S/8": Latte_S_8,
-}
+# The original's Latte_XL_2 ... Latte_S_8, one per variant of models.registry.
+LATTE_MODELS = {name: _constructor(name) for name in MODEL_NAMES}

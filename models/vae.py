@@ -16,12 +16,14 @@ one graph per input shape (each new frame count compiles once, ~20 s at sd-vae-f
 frame in flight. On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
 they are native.
 """
+import os
+
 import mindspore as ms
 from mindspore import nn, ops
 
+from models.dtypes import ms_dtype
 from models.vae_layers import Conv2d, GroupNorm, Linear
 
-DTYPES = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
 
 
 class ResnetBlock2D(nn.Cell):
@@ -205,10 +207,7 @@ class AutoencoderKL(nn.Cell):
                  layers_per_block=2, latent_channels=4, norm_num_groups=32, scaling_factor=0.18215,
                  conv_impl="auto", dtype=ms.float32, jit=True):
         super().__init__()
-        if isinstance(dtype, str):
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-            dtype = DTYPES[dtype]
+        dtype = ms_dtype(dtype)
         block_out_channels = tuple(int(c) for c in block_out_channels)
         bad = [c for c in block_out_channels if c % norm_num_groups]
         if bad:
@@ -277,3 +276,47 @@ class AutoencoderKL(nn.Cell):
         """Reconstruction from the posterior mean (deterministic), as one graph-friendly body."""
         mean, _ = ops.chunk(self._encode_graph(img), 2, 1)
         return self._decode_graph(mean)
+
+
+# ------------------------------------------------------------------------------------------------
+# loading: the one way ingest, the trainer and the sampler get a VAE
+# ------------------------------------------------------------------------------------------------
+
+CONFIG_KEYS = ("in_channels", "out_channels", "block_out_channels", "layers_per_block", "latent_channels",
+               "norm_num_groups")
+TORCH_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+def downscale_of(config):
+    """Pixels per latent: each encoder level but the last halves the size (8 for the SD VAE's four)."""
+    return 2 ** (len(config.get("block_out_channels", (128, 256, 512, 512))) - 1)
+
+
+def vae_config(path, what="vae", default=None):
+    """AutoencoderKL kwargs of a converted VAE weights file: its `latte convert` metadata, else
+    `default` (else the SD VAE's defaults, {}). ValueError naming `what` (the config key) and the fix."""
+    from models.convert import read_metadata
+
+    if path.endswith(TORCH_SUFFIXES):
+        raise ValueError(f"{what} {path} is a PyTorch file: convert it first with `latte convert --kind vae "
+                         f"--source {path} --target sd-vae-ft-mse.ckpt` and pass the .ckpt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} {path} not found: check the path, or convert the SD VAE with "
+                         f"`latte convert --kind vae` and pass the result")
+    meta = read_metadata(path)
+    if meta.get("kind", "vae") != "vae":
+        raise ValueError(f"{what} {path} holds {meta['kind']} weights, not a VAE: pass the VAE weights "
+                         f"(`latte convert --kind vae`)")
+    return {k: v for k, v in (meta.get("config") or default or {}).items() if k in CONFIG_KEYS}
+
+
+def load_vae(path, dtype="fp32", config=None, what="vae"):
+    """The AutoencoderKL of a converted weights file, loaded strictly and in eval mode. `config`
+    (from `vae_config`) skips reading the metadata again. ValueError on a missing or wrong file."""
+    from models.convert import load_weights
+
+    config = vae_config(path, what) if config is None else config
+    vae = AutoencoderKL(**config, dtype=dtype)
+    load_weights(vae, path)
+    vae.set_train(False)
+    return vae

@@ -22,9 +22,7 @@ and `config.yaml` (the resolved config plus what was loaded); the folder is prin
 """
 import dataclasses
 import datetime
-import json
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -33,12 +31,10 @@ from typing import List, Optional
 import numpy as np
 import yaml
 
+from models.checkpoint_io import CHECKSUM_KEY, CheckpointFormatError, read_header, verify_checksum
 from models.config import ConfigError, parse_config
-
-MODEL_NAMES = ("Latte-XL/2", "Latte-XL/4", "Latte-XL/8", "Latte-L/2", "Latte-L/4", "Latte-L/8",
-               "Latte-B/2", "Latte-B/4", "Latte-B/8", "Latte-S/2", "Latte-S/4", "Latte-S/8")
-# (depth, hidden size, heads) of the registry's sizes, to compare a model_name with a saved config.
-SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+from models.dtypes import DTYPE_NAMES, device_dtype_problem
+from models.registry import MODEL_NAMES, latte_kwargs, same_architecture, variant_sizes
 
 
 @dataclass
@@ -73,7 +69,7 @@ class SampleConfig:
                 "(class-conditional models; default: 0, 1, 2, ... cycled)"})
     seed: int = field(default=42, metadata={"help": "sample i uses generators seeded by (seed, i)"})
     # -- device -----------------------------------------------------------------------------------
-    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16"), "help": "Latte matmul precision"})
+    dtype: str = field(default="fp32", metadata={"choices": DTYPE_NAMES, "help": "Latte matmul precision"})
     enable_flash_attention: bool = field(default=False, metadata={"help": "Ascend only"})
     device_target: str = field(default="CPU", metadata={"choices": ("CPU", "GPU", "Ascend")})
     mode: str = field(default="graph", metadata={"choices": ("graph", "pynative")})
@@ -110,35 +106,52 @@ class SampleConfig:
             raise ConfigError(f"'class_labels' {self.class_labels} must be >= 0")
         if self.scale_factor is not None and not self.scale_factor > 0:
             raise ConfigError(f"'scale_factor' must be > 0, got {self.scale_factor}")
-        if self.dtype == "bf16" and self.device_target == "CPU":
-            raise ConfigError("dtype bf16 is not supported on CPU (no bf16 matmul kernels): use dtype fp32 on CPU, "
-                              "or device_target Ascend/GPU")
-        if self.enable_flash_attention and self.device_target != "Ascend":
-            raise ConfigError(f"enable_flash_attention needs device_target Ascend, not {self.device_target}: "
-                              "set --enable_flash_attention False")
-        if self.enable_flash_attention and self.dtype == "fp32":
-            raise ConfigError("enable_flash_attention needs dtype fp16 or bf16, not fp32")
+        problem = device_dtype_problem(self.device_target, self.dtype, self.enable_flash_attention)
+        if problem:
+            raise ConfigError(problem)
 
 
 # ------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------
 
-def resolve_checkpoint(path):
-    """A weights file; a training output folder (or its checkpoints/ folder) means its newest step file."""
+def _verify(path):
+    """Raise CheckpointFormatError if a file this project wrote (it carries a checksum) is damaged."""
+    if CHECKSUM_KEY in read_header(path)[1]:
+        verify_checksum(path)
+
+
+def resolve_checkpoint(path, warn=None):
+    """A weights file whose checksum holds; a training output folder (or its checkpoints/ folder)
+    means its newest good step file, each damaged newer one skipped with a warning (as `latte train
+    --resume auto` does). A damaged file named directly is refused."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if not path:
         raise ConfigError("no checkpoint given: pass --checkpoint PATH (a `latte train` checkpoint or output "
                           "folder, or a `latte convert` output)")
     if os.path.isdir(path):
         for folder in (os.path.join(path, "checkpoints"), path):
-            steps = sorted(name for name in os.listdir(folder) if name.startswith("step_")
-                           and name.endswith(".safetensors")) if os.path.isdir(folder) else []
+            steps = sorted((name for name in os.listdir(folder) if name.startswith("step_")
+                            and name.endswith(".safetensors")), reverse=True) if os.path.isdir(folder) else []
+            for name in steps:
+                try:
+                    _verify(os.path.join(folder, name))
+                    return os.path.join(folder, name)
+                except CheckpointFormatError as err:
+                    warn(f"warning: skipping checkpoint {err}")
             if steps:
-                return os.path.join(folder, steps[-1])
+                raise ConfigError(f"checkpoint folder {folder} holds no undamaged step_*.safetensors: pass another "
+                                  f"checkpoint")
         raise ConfigError(f"checkpoint folder {path} holds no step_*.safetensors: pass a checkpoint file")
     if not os.path.isfile(path):
         raise ConfigError(f"checkpoint {path} not found: check the path (convert released .pt weights with "
                           f"`latte convert --kind latte`)")
+    if path.endswith(".safetensors"):
+        try:
+            _verify(path)
+        except CheckpointFormatError as err:
+            raise ConfigError(f"checkpoint {err}: pass the run folder to take its newest good checkpoint, or "
+                              f"another file") from None
     return path
 
 
@@ -148,12 +161,10 @@ def weight_groups(path):
     if not path.endswith(".safetensors"):
         return set()
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            names = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error):
+        names = read_header(path)[0]
+    except CheckpointFormatError:
         raise ConfigError(f"checkpoint {path} is damaged or not a safetensors file") from None
-    groups = {name.split(".", 1)[0] for name in names if name != "__metadata__"}
+    groups = {name.split(".", 1)[0] for name in names}
     return groups if groups & {"model", "ema"} else set()
 
 
@@ -163,18 +174,13 @@ def _arch_from_keys(cfg, downscale, latent_channels):
     if missing:
         raise ConfigError(f"checkpoint {cfg.checkpoint} does not store its architecture: set "
                           f"{', '.join(missing)} (e.g. -c configs/inference/sky.yaml)")
-    size, patch = cfg.model_name[len("Latte-"):].split("/")
-    if cfg.image_size % (downscale * int(patch)):
-        raise ConfigError(f"'image_size' {cfg.image_size} must be a multiple of {downscale * int(patch)} "
+    patch = variant_sizes(cfg.model_name)["patch_size"]
+    if cfg.image_size % (downscale * patch):
+        raise ConfigError(f"'image_size' {cfg.image_size} must be a multiple of {downscale * patch} "
                           f"(the VAE's {downscale}x downsampling times {cfg.model_name}'s patch size)")
-    depth, hidden, heads = SIZES[size]
-    config = dict(input_size=cfg.image_size // downscale, patch_size=int(patch), in_channels=latent_channels,
-                  hidden_size=hidden,
-                  depth=depth, num_heads=heads, mlp_ratio=4.0, num_frames=cfg.num_frames,
-                  learn_sigma=cfg.learn_sigma, extras=1)
-    if cfg.num_classes:
-        config.update(extras=2, num_classes=cfg.num_classes)
-    return config
+    latent = cfg.image_size // downscale
+    return latte_kwargs(cfg.model_name, (latent_channels, latent, latent), cfg.num_frames, cfg.learn_sigma,
+                        cfg.num_classes or 0)
 
 
 def _check_keys_match(cfg, config, variant, downscale, where):
@@ -185,9 +191,7 @@ def _check_keys_match(cfg, config, variant, downscale, where):
     wrong = [f"{key} {getattr(cfg, key)} (checkpoint: {value})" for key, value in saved.items()
              if getattr(cfg, key) is not None and getattr(cfg, key) != value]
     if cfg.model_name is not None and cfg.model_name != variant:
-        size, patch = cfg.model_name[len("Latte-"):].split("/")
-        if SIZES[size] + (int(patch),) != (config["depth"], config["hidden_size"], config["num_heads"],
-                                          config["patch_size"]):
+        if not same_architecture(cfg.model_name, config):
             wrong.insert(0, f"model_name {cfg.model_name} (checkpoint: {variant or 'custom'} with depth "
                             f"{config['depth']}, hidden {config['hidden_size']}, patch {config['patch_size']})")
     if wrong:
@@ -197,30 +201,25 @@ def _check_keys_match(cfg, config, variant, downscale, where):
 
 def load_vae(cfg):
     """The AutoencoderKL of `cfg.vae` (architecture from its saved config, else SD's), fp32."""
-    from models import AutoencoderKL, load_weights, read_metadata
+    from models.vae import load_vae as load
 
     if not cfg.vae:
         raise ConfigError("no VAE given: pass --vae PATH (`latte convert --kind vae` of sd-vae-ft-mse, or "
                           "demo/sky_vae.safetensors for the demo's models)")
     if not os.path.isfile(cfg.vae):
         raise ConfigError(f"vae {cfg.vae} not found: check the path")
-    meta = read_metadata(cfg.vae)
-    if meta.get("kind", "vae") != "vae":
-        raise ConfigError(f"vae {cfg.vae} holds a {meta['kind']} network, not a VAE: pass the VAE weights")
-    vae = AutoencoderKL(**meta.get("config", {}))
-    load_weights(vae, cfg.vae)
-    vae.set_train(False)
-    return vae
+    try:
+        return load(cfg.vae)
+    except ValueError as err:
+        raise ConfigError(str(err).strip().splitlines()[0]) from None
 
 
-def load_latte(cfg, downscale, latent_channels=4):
+def load_latte(cfg, downscale, latent_channels=4, path=None):
     """(network, its constructor kwargs, the loaded file, group) for `cfg`; `downscale` and
-    `latent_channels` are the VAE's."""
-    import mindspore as ms
-
+    `latent_channels` are the VAE's; `path` is `resolve_checkpoint(cfg.checkpoint)` if already known."""
     from models import Latte, load_weights, read_metadata
 
-    path = resolve_checkpoint(cfg.checkpoint)
+    path = path or resolve_checkpoint(cfg.checkpoint)
     meta = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
     if meta.get("kind", "latte") != "latte":
         raise ConfigError(f"checkpoint {path} holds a {meta['kind']} network, not Latte: pass --checkpoint and "
@@ -230,8 +229,7 @@ def load_latte(cfg, downscale, latent_channels=4):
         _check_keys_match(cfg, config, meta.get("variant"), downscale, path)
     else:
         config = _arch_from_keys(cfg, downscale, latent_channels)
-    dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.dtype]
-    net = Latte(**config, dtype=dtype, enable_flash_attention=cfg.enable_flash_attention)
+    net = Latte(**config, dtype=cfg.dtype, enable_flash_attention=cfg.enable_flash_attention)
     groups = weight_groups(path)
     group = cfg.weights if groups else None
     if group and group not in groups:
@@ -361,9 +359,10 @@ def sample(cfg):
     from models.diffusion import create_diffusion
 
     t0 = time.time()
-    resolve_checkpoint(cfg.checkpoint)  # a wrong path is reported before anything is loaded
+    # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
+    path = resolve_checkpoint(cfg.checkpoint)
     vae = load_vae(cfg)
-    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels)
+    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
     if vae.latent_channels != config["in_channels"]:
         raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
                           f"{config['in_channels']}: pass the VAE the model was trained with")
@@ -400,6 +399,10 @@ def sample(cfg):
     latents = sample_latents(net, diffusion, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_method, cfg.eta,
                              cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
     t2 = time.time()
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:  # NaN weights or a diverged model: black videos otherwise, written with exit 0
+        raise ValueError(f"{bad} of {latents.size} sampled latent values are not finite (NaN or inf): the weights "
+                         f"in {path} are damaged or diverged; sample from an earlier checkpoint")
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
 

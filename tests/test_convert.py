@@ -350,3 +350,70 @@ def test_load_weights_reports_a_damaged_file_in_one_line(tmp_path):
 def test_load_weights_refuses_an_unconverted_torch_file(oracle_dir):
     with pytest.raises(ValueError, match="latte convert"):
         load_weights(Small(), oracle_dir / "latte_tiny_uncond.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# every conversion is checked against the inferred architecture
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change, message", [
+    ("drop", "1 missing (blocks.1.mlp.fc2.bias)"),
+    ("extra", "1 unexpected (blocks.0.attn.extra)"),
+    ("shape", "1 mis-shaped, file vs network (t_embedder.mlp.0.bias (65,) vs (64,))"),
+])
+@pytest.mark.parametrize("check", [False, True])
+def test_convert_always_checks_names_and_shapes_and_writes_nothing_on_failure(oracle_dir, tmp_path, capsys,
+                                                                              change, message, check):
+    from models.checkpoint_io import read_state_dict
+    state_dict = read_state_dict(oracle_dir / "latte_tiny_uncond.pt")
+    if change == "drop":
+        del state_dict["blocks.1.mlp.fc2.bias"]
+    elif change == "extra":
+        state_dict["blocks.0.attn.extra"] = np.ones(3, np.float32)
+    else:
+        state_dict["t_embedder.mlp.0.bias"] = np.ones(65, np.float32)
+    source = tmp_path / "edited.safetensors"
+    write_safetensors(source, state_dict)
+    target = tmp_path / "out" / "latte.ckpt"
+    args = ["--kind", "latte", "--source", source, "--target", target, "--num-heads", 4] + (["--check"] if check else [])
+    assert convert(*args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and "do not fit the inferred Latte(" in err, err
+    assert not target.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_conversion_whose_check_fails_leaves_no_file(oracle_dir, tmp_path, capsys, monkeypatch):
+    """--check loads the written file before it takes the target's name: a file that does not load
+    (here: a loader failure) is never left behind, and an older target stays as it was."""
+    import models.convert as convert_module
+
+    target = tmp_path / "latte.safetensors"
+    target.write_bytes(b"the previous conversion")
+
+    def fails(net, path, **kwargs):
+        raise ValueError(f"{path}: does not load")
+
+    monkeypatch.setattr(convert_module, "load_weights", fails)
+    assert convert("--kind", "latte", "--source", oracle_dir / "latte_tiny_uncond.pt", "--target", target,
+                   "--num-heads", 4, "--check") == 2
+    assert "does not load" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["latte.safetensors"] and target.read_bytes() == b"the previous conversion"
+
+
+def test_a_damaged_converted_safetensors_file_is_refused_by_load_weights(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(path, small_weights(), fmt="safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-2] ^= 0x80  # the exponent byte of the last value
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="w.safetensors: checksum mismatch") as err:
+        load_weights(Small(), path)
+    assert "\n" not in str(err.value)
+
+
+def test_bf16_safetensors_output_loads_as_float32(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_weights(path, small_weights(), fmt="safetensors", dtype="bf16")  # values exact in bf16
+    net = Small()
+    load_weights(net, path)
+    np.testing.assert_array_equal(net.proj.weight.asnumpy(), np.full((2, 3), 1.5, np.float32))

@@ -260,3 +260,53 @@ def test_missing_files_are_one_line_errors(files, tmp_path):
         _cli(files, checkpoint=tmp_path / "nope.ckpt", out=tmp_path)
     with pytest.raises(ConfigError, match="holds a vae network, not Latte"):
         _cli(files, checkpoint=files["vae"], out=tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------
+# damaged checkpoints and non-finite samples
+# ------------------------------------------------------------------------------------------------
+
+def _flip_bit(path, offset_from_end=100):
+    raw = bytearray(Path(path).read_bytes())
+    raw[-offset_from_end] ^= 0x04  # one bit inside the data section (the last tensors: ema / opt groups)
+    Path(path).write_bytes(bytes(raw))
+
+
+def test_a_training_checkpoint_that_fails_its_checksum_is_refused(files, tmp_path, capsys):
+    damaged = tmp_path / "step_0000020.safetensors"
+    damaged.write_bytes(files["train"].read_bytes())
+    _flip_bit(damaged)
+    with pytest.raises(ConfigError, match=r"step_0000020.safetensors: checksum mismatch.*pass the run folder") as err:
+        _cli(files, checkpoint=damaged, out=tmp_path / "samples")
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "samples").exists()  # nothing sampled
+
+
+def test_a_run_folder_falls_back_to_the_newest_good_checkpoint_with_a_warning(files, ema_latents, tmp_path, capsys):
+    run = tmp_path / "run" / "checkpoints"
+    run.mkdir(parents=True)
+    (run / "step_0000010.safetensors").write_bytes(files["train"].read_bytes())
+    (run / "step_0000030.safetensors").write_bytes(files["train"].read_bytes())
+    _flip_bit(run / "step_0000030.safetensors")
+    out = tmp_path / "samples"
+    assert _cli(files, "--save_latents", "True", "--save_gif", "False", "--save_mp4", "False",
+                checkpoint=tmp_path / "run", out=out) == 0
+    err = capsys.readouterr().err
+    assert "warning: skipping checkpoint" in err and "step_0000030.safetensors: checksum mismatch" in err
+    assert f"loaded {run / 'step_0000010.safetensors'}" in err
+    (folder,) = list(out.iterdir())
+    np.testing.assert_allclose(np.load(folder / "latents.npy"), ema_latents, rtol=1e-4, atol=1e-4)
+
+
+def test_non_finite_latents_stop_sampling_with_an_error(files, tmp_path, capsys):
+    ema = _weights(TINY, 1)
+    ema["final_layer.linear.bias"] = np.full_like(ema["final_layer.linear.bias"], np.nan)  # a diverged run
+    path = tmp_path / "run" / "checkpoints" / "step_0000040.safetensors"
+    ckpt.save(str(path), {f"ema.{k}": v for k, v in ema.items()}, {"step": 40}, {"model_name": "Latte-S/2"},
+              {"kind": "latte", "config": TINY, "variant": "Latte-S/2"})
+    out = tmp_path / "samples"
+    assert _cli(files, checkpoint=path, out=out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("latte sample: error: ") and "not finite (NaN or inf)" in err[-1]
+    assert str(path) in err[-1]
+    assert not out.exists()  # no black videos written

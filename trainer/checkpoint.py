@@ -11,33 +11,29 @@ Layout of `<output_folder>/checkpoints/step_<step:07d>.safetensors`:
 and string metadata: `latte_train_state` (JSON: step, epoch, sampler draw, RNG scheme, loss scale,
 final flag), `latte_train_config` (the resolved config), `latte_convert_metadata` (the network's
 constructor arguments, so `models.read_metadata` rebuilds it as for a converted checkpoint) and
-`checksum` (CRC-32 of the data section). A file is valid only if its header parses, its size is
-exactly what the header describes and the checksum matches: a truncated or bit-flipped file is
-detected and skipped by `--resume auto` with a warning naming it.
+`checksum` (CRC-32 of the header's names, shapes and metadata and of the data). A file is valid only
+if the safetensors package accepts its layout and the checksum matches: a truncated, bit-flipped or
+header-edited file is detected and skipped by `--resume auto` with a warning naming it.
 
-Why not `ms.save_checkpoint`: it deletes the old file before writing the new one, so a crash in
-between loses both. Here: unique temp file in the same folder, fsync, `os.replace`, fsync the folder.
+The file format, the atomic write (unique temp file, fsync, `os.replace`, fsync the folder; never
+`ms.save_checkpoint`, which deletes the old file first) and the checksum live in
+models/checkpoint_io.py; this module keeps the policy: naming, what is stored, pruning, resume choice.
 """
 import json
 import os
 import re
-import struct
 import sys
-import tempfile
-import zlib
 
 import numpy as np
 
-from models.checkpoint_io import fsync_dir
+from models.checkpoint_io import CheckpointFormatError, map_safetensors, read_header, verify_checksum, write_safetensors
 
-FORMAT = "latte-ms-train/1"
+FORMAT = "latte-ms-train/2"
+# Format 1 checksummed the data only; such a file is still accepted (its header is not covered).
+LEGACY_FORMATS = ("latte-ms-train/1",)
 STATE_KEY, CONFIG_KEY, NET_KEY = "latte_train_state", "latte_train_config", "latte_convert_metadata"
 NAME = re.compile(r"^step_(\d+)\.safetensors$")
 TEMP_PREFIX = ".step_"
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.int32): "I32",
-           np.dtype(np.int64): "I64"}
-_NUMPY = {v: k for k, v in _DTYPES.items()}
-_CHUNK = 1 << 24
 
 
 class CheckpointError(ValueError):
@@ -52,98 +48,65 @@ def checkpoint_path(output_folder, step):
     return os.path.join(checkpoint_dir(output_folder), f"step_{step:07d}.safetensors")
 
 
-def _bytes(a):
-    return a.reshape(-1).view(np.uint8)  # the array's own memory, no copy
-
-
 def save(path, tensors, state, config, net_config=None):
     """Write `{name: ndarray}` and the metadata to `path` atomically."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
-    header, offset, crc = {}, 0, 0
-    for name, a in arrays.items():
-        assert a.dtype in _DTYPES, (name, a.dtype)
-        header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        crc = zlib.crc32(_bytes(a), crc)
-    header["__metadata__"] = {
-        "format": FORMAT, STATE_KEY: json.dumps(state, sort_keys=True), CONFIG_KEY: json.dumps(config, sort_keys=True),
-        NET_KEY: json.dumps(net_config or {}, sort_keys=True), "checksum": f"crc32:{crc:08x}", "data_bytes": str(offset)}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)  # safetensors aligns the data to 8 bytes
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(head)))
-            f.write(head)
-            for a in arrays.values():
-                f.write(_bytes(a))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    fsync_dir(folder)
+    metadata = {"format": FORMAT, STATE_KEY: json.dumps(state, sort_keys=True),
+                CONFIG_KEY: json.dumps(config, sort_keys=True), NET_KEY: json.dumps(net_config or {}, sort_keys=True)}
+    write_safetensors(path, tensors, metadata, prefix=TEMP_PREFIX)
 
 
-def _read_header(path, f):
-    size = os.fstat(f.fileno()).st_size
-    raw = f.read(8)
-    if len(raw) != 8:
-        raise CheckpointError(f"{path}: truncated (no header)")
-    (n,) = struct.unpack("<Q", raw)
-    if n > min(size, 1 << 30):
-        raise CheckpointError(f"{path}: header length {n} exceeds the file: truncated or not a checkpoint")
-    try:
-        header = json.loads(f.read(n))
-        meta = header.pop("__metadata__")
-        data_bytes = int(meta["data_bytes"])
-        assert meta.get("format") == FORMAT
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise CheckpointError(f"{path}: header is damaged or not a {FORMAT} checkpoint") from None
-    if size != 8 + n + data_bytes:
-        raise CheckpointError(f"{path}: {size} bytes but the header describes {8 + n + data_bytes}: truncated")
-    return header, meta, 8 + n
+def _legacy_data_checksum(path, metadata, start):
+    import zlib
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    if f"crc32:{crc:08x}" != metadata.get("checksum"):
+        raise CheckpointFormatError(f"{path}: checksum mismatch: the file is corrupt")
 
 
 def verify(path):
-    """Check a checkpoint end to end (header, size, CRC-32 of the data) without keeping the data in
+    """Check a checkpoint end to end (layout, checksum of header and data) without keeping the data in
     memory; returns its metadata with the JSON fields decoded. Raises CheckpointError."""
     try:
-        with open(path, "rb") as f:
-            header, meta, _ = _read_header(path, f)
-            crc = 0
-            while chunk := f.read(_CHUNK):
-                crc = zlib.crc32(chunk, crc)
+        _, metadata, start = read_header(path)
+        if metadata.get("format") in LEGACY_FORMATS:
+            _legacy_data_checksum(path, metadata, start)
+        elif metadata.get("format") != FORMAT:
+            raise CheckpointError(f"{path}: header is damaged or not a {FORMAT} checkpoint")
+        else:
+            verify_checksum(path)
+        return _decode(metadata, path)
+    except CheckpointFormatError as err:
+        raise CheckpointError(str(err)) from None
     except OSError as err:
         raise CheckpointError(f"{path}: cannot be read ({err.strerror})") from None
-    if f"crc32:{crc:08x}" != meta.get("checksum"):
-        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupt")
-    return _decode(meta)
 
 
-def _decode(meta):
-    return {"state": json.loads(meta[STATE_KEY]), "config": json.loads(meta[CONFIG_KEY]),
-            "net_config": json.loads(meta.get(NET_KEY) or "{}")}
+def _decode(meta, path):
+    try:
+        return {"state": json.loads(meta[STATE_KEY]), "config": json.loads(meta[CONFIG_KEY]),
+                "net_config": json.loads(meta.get(NET_KEY) or "{}")}
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path}: header is damaged or not a {FORMAT} checkpoint") from None
+
+
+def is_train_checkpoint(path):
+    """Whether `path` is a training checkpoint (header only, not verified)."""
+    try:
+        return STATE_KEY in read_header(path)[1]
+    except CheckpointFormatError:
+        return False
 
 
 def load(path):
     """(tensors {name: ndarray}, metadata) of a verified checkpoint. Raises CheckpointError."""
     meta = verify(path)
-    with open(path, "rb") as f:
-        header, _, start = _read_header(path, f)
-        f.seek(start)
-        data = f.read()
-    tensors = {}
-    for name, info in header.items():
-        b, e = info["data_offsets"]
-        tensors[name] = np.frombuffer(data, dtype=_NUMPY[info["dtype"]], count=(e - b) // _NUMPY[info["dtype"]].itemsize,
-                                      offset=b).reshape(info["shape"])
-    return tensors, meta
+    try:
+        return {name: np.array(a) for name, a in map_safetensors(path).items()}, meta
+    except CheckpointFormatError as err:
+        raise CheckpointError(str(err)) from None
 
 
 def list_checkpoints(output_folder):
@@ -172,10 +135,8 @@ def prune(output_folder, keep):
     periodic = []
     for _, path in list_checkpoints(output_folder):
         try:
-            with open(path, "rb") as f:
-                _, meta, _ = _read_header(path, f)
-            final = json.loads(meta[STATE_KEY]).get("final", False)
-        except (CheckpointError, OSError, ValueError, KeyError):
+            final = json.loads(read_header(path)[1][STATE_KEY]).get("final", False)
+        except (CheckpointFormatError, ValueError, KeyError):
             final = False  # a damaged file is never worth keeping over good ones
         if not final:
             periodic.append(path)

@@ -7,9 +7,9 @@ turns every impossible combination into a one-line ConfigError naming the key an
 from dataclasses import dataclass, field, fields
 
 from models.config import ConfigError
+from models.dtypes import DTYPE_NAMES, device_dtype_problem
+from models.registry import MODEL_NAMES
 
-MODEL_NAMES = ("Latte-XL/2", "Latte-XL/4", "Latte-XL/8", "Latte-L/2", "Latte-L/4", "Latte-L/8",
-               "Latte-B/2", "Latte-B/4", "Latte-B/8", "Latte-S/2", "Latte-S/4", "Latte-S/8")
 
 # Keys that fix the network's shapes: a resumed run must agree with its checkpoint on these.
 ARCH_KEYS = ("model_name", "num_frames", "num_classes", "learn_sigma", "hidden_size", "depth", "num_heads")
@@ -108,7 +108,7 @@ class TrainConfig:
     class_dropout_prob: float = field(default=0.1, metadata={"help": "label dropout for classifier-free guidance"})
     learn_sigma: bool = True
     pretrained: str = field(default="", metadata={"help": "initial Latte weights (.ckpt/.safetensors); ema group preferred"})
-    dtype: str = field(default="fp32", metadata={"choices": ("fp32", "fp16", "bf16"), "help": "matmul precision"})
+    dtype: str = field(default="fp32", metadata={"choices": DTYPE_NAMES, "help": "matmul precision"})
     use_recompute: bool = field(default=False, metadata={"help": "recompute block activations in backward (less memory)"})
     enable_flash_attention: bool = field(default=False, metadata={"help": "Ascend only"})
 
@@ -178,14 +178,9 @@ class TrainConfig:
         if self.resume not in ("", "auto") and not self.resume.endswith((".safetensors",)):
             raise ConfigError(f"'resume' is {self.resume!r}: use '', 'auto' or a step_*.safetensors checkpoint path")
         # Options that cannot run on the chosen device: say so now, not after minutes of setup.
-        if self.dtype == "bf16" and self.device_target == "CPU":
-            raise ConfigError("dtype bf16 is not supported on CPU (no bf16 matmul kernels): use dtype fp32 "
-                              "on CPU, or device_target Ascend/GPU")
-        if self.enable_flash_attention and self.device_target != "Ascend":
-            raise ConfigError(f"enable_flash_attention needs device_target Ascend, not {self.device_target}: "
-                              "set --enable_flash_attention False")
-        if self.enable_flash_attention and self.dtype == "fp32":
-            raise ConfigError("enable_flash_attention needs dtype fp16 or bf16, not fp32")
+        problem = device_dtype_problem(self.device_target, self.dtype, self.enable_flash_attention)
+        if problem:
+            raise ConfigError(problem)
         if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
             raise ConfigError(f"'hidden_size' {self.hidden_size} is not divisible by 'num_heads' {self.num_heads}")
         if self.scale_factor not in ("", "auto"):

@@ -16,7 +16,6 @@ every step), or `mean * scale_factor` with `latent_sample: mean`.
 them on the fly), the split into training and held-out entries, the source and the error report.
 """
 import json
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -291,8 +290,8 @@ class TrainData:
             rows, entries = video_rows(cfg.data_folder)
             self._load_vae()
             self.scale = self.vae.scaling_factor
-            self.latent_shape = (self.vae_config.get("latent_channels", 4), cfg.image_size // self.vae_factor,
-                                 cfg.image_size // self.vae_factor)
+            self.latent_shape = (self.vae.latent_channels, cfg.image_size // self.vae.downscale,
+                                 cfg.image_size // self.vae.downscale)
             read = video_reader(entries, cfg.num_frames, cfg.sample_stride, cfg.image_size)
             where = cfg.data_folder
         self.read = read
@@ -317,21 +316,16 @@ class TrainData:
                    f"{len(short)} too short; {self.order.per_epoch} clips per rank per epoch")
 
     def _load_vae(self):
-        from models import load_weights, read_metadata
-        from models.vae import AutoencoderKL
+        from models.vae import downscale_of, load_vae, vae_config
 
-        meta = read_metadata(self.cfg.vae_checkpoint) if os.path.isfile(self.cfg.vae_checkpoint) else None
-        if meta is None:
-            raise ConfigError(f"vae_checkpoint {self.cfg.vae_checkpoint} not found: convert the SD VAE with "
-                              f"`latte convert --kind vae` and pass the result")
-        self.vae_config = meta.get("config") or {}
-        self.vae = AutoencoderKL(**self.vae_config)
-        load_weights(self.vae, self.cfg.vae_checkpoint)
-        # each encoder level but the last halves the size: 8 for the SD VAE's four levels
-        self.vae_factor = 2 ** (len(self.vae_config.get("block_out_channels", (128, 256, 512, 512))) - 1)
-        if self.cfg.image_size % self.vae_factor:
+        try:
+            config = vae_config(self.cfg.vae_checkpoint, "vae_checkpoint")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if self.cfg.image_size % downscale_of(config):
             raise ConfigError(f"image_size {self.cfg.image_size} is not a multiple of the VAE's downsampling "
-                              f"factor {self.vae_factor}")
+                              f"factor {downscale_of(config)}")
+        self.vae = load_vae(self.cfg.vae_checkpoint, config=config)
 
     def check(self, bad):
         """Stop with one clear line if a reader flagged an entry it could not read."""

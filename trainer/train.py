@@ -15,10 +15,8 @@ Output folder: checkpoints/step_*.safetensors (see trainer/checkpoint.py), confi
 resolved config), log.jsonl (one line per step), loss.png (updated at every checkpoint).
 """
 import dataclasses
-import json
 import math
 import os
-import struct
 import sys
 import time
 import zlib
@@ -27,25 +25,17 @@ import numpy as np
 import yaml
 
 from models.config import ConfigError, parse_config
+from models.registry import latte_kwargs
 from trainer import checkpoint as ckpt
 from trainer.config import ARCH_KEYS, TrainConfig, resume_changes
 from trainer.data import DataError, TrainData, make_loader
 from trainer.logs import PLOT_NAME, JsonlLog, plot_losses, read_log
 from trainer.optim import LossScaler, learning_rate_at
 
-# (depth, hidden size, heads) of the registry's sizes; the patch size comes from the name.
-SIZES = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
-
-
 def latte_config(cfg, latent_shape):
     """Latte(**kwargs) for this config and latent shape (C, h, w), in `models.convert`'s format."""
-    size, patch = cfg.model_name[len("Latte-"):].split("/")
-    depth, hidden, heads = SIZES[size]
-    config = dict(input_size=int(latent_shape[1]), patch_size=int(patch), in_channels=int(latent_shape[0]),
-                  hidden_size=cfg.hidden_size or hidden, depth=cfg.depth or depth, num_heads=cfg.num_heads or heads,
-                  mlp_ratio=4.0, num_frames=cfg.num_frames, learn_sigma=cfg.learn_sigma, extras=1)
-    if cfg.num_classes:
-        config.update(extras=2, num_classes=cfg.num_classes, class_dropout_prob=cfg.class_dropout_prob)
+    config = latte_kwargs(cfg.model_name, latent_shape, cfg.num_frames, cfg.learn_sigma, cfg.num_classes,
+                          cfg.class_dropout_prob, cfg.hidden_size, cfg.depth, cfg.num_heads)
     if config["hidden_size"] % config["num_heads"]:
         raise ConfigError(f"hidden_size {config['hidden_size']} is not divisible by num_heads {config['num_heads']}")
     if latent_shape[1] % config["patch_size"]:
@@ -219,15 +209,14 @@ def train(cfg):
     net_config = latte_config(cfg, data.latent_shape)
     if meta is not None:
         _check_same_model(meta, cfg, net_config, resume_path)
-    dtype = {"fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[cfg.dtype]
     ms.set_seed(cfg.seed)  # the same initial weights on every rank
-    net = Latte(**net_config, dtype=dtype, use_recompute=cfg.use_recompute,
+    net = Latte(**net_config, dtype=cfg.dtype, use_recompute=cfg.use_recompute,
                 enable_flash_attention=cfg.enable_flash_attention)
     # Eval mode on purpose: label dropout is done on the host (see _micro_batch) so it is reproducible.
     net.set_train(False)
     if cfg.pretrained and resume_path is None:
         from models import load_weights
-        group = "ema" if cfg.pretrained.endswith(".safetensors") and _is_train_checkpoint(cfg.pretrained) else None
+        group = "ema" if cfg.pretrained.endswith(".safetensors") and ckpt.is_train_checkpoint(cfg.pretrained) else None
         load_weights(net, cfg.pretrained, group=group)
         _say(rank, f"initial weights from {cfg.pretrained}" + (" (ema)" if group else ""))
     diffusion = create_diffusion("")
@@ -318,15 +307,6 @@ def train(cfg):
     if path:
         _say(rank, f"final checkpoint: {path}")
     return 0
-
-
-def _is_train_checkpoint(path):
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            return ckpt.STATE_KEY in (json.loads(f.read(n)).get("__metadata__") or {})
-    except (OSError, ValueError, struct.error):
-        return False
 
 
 def main(argv=None):
