@@ -199,7 +199,7 @@ def test_two_msrun_nodes_ingest_what_one_process_does_and_train_with_identical_w
 
     make_sky_dataset(tmp_path / "sky", num_videos=2, clips_per_video=3, frames_per_clip=10, size=(64, 64), seed=4)
     ingest = ["-c", str(ROOT / "configs/ingest/tiny.yaml"), "--image_size", "64", "--data_folder", tmp_path / "sky",
-              "--progress", "false"]
+              "--progress", "false", "--mode", "pynative"]
     pipeline.run_ingest(pipeline.parse_args([*map(str, ingest), "--cache_folder", str(tmp_path / "one")]),
                         environ={})
     _two_nodes(tmp_path, "ingest", lambda node: ["ingest", *ingest, "--cache_folder", tmp_path / "two"])
