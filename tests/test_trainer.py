@@ -330,7 +330,7 @@ def test_resume_changes_name_each_result_changing_key_and_compare_only_the_globa
     assert resume_changes(older, replace(cfg, latent_sample="mean"), 1, 1) == []
 
 
-def test_resume_refuses_changed_batch_size_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
+def test_resume_refuses_a_changed_global_batch_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
     run = tmp_path / "run"
     common = ["--cache_folder", cache, "--output_folder", run, "--val_every", 0, "--mode", "pynative"]
     first = subprocess.run(_train_cmd(*common, "--train_steps", 2, "--ckpt_every", 2),
