@@ -20,7 +20,7 @@ from mindspore import Parameter, Tensor
 from models.config import ConfigError, parse_config
 from trainer import checkpoint as ckpt
 from trainer.config import RESULT_NEUTRAL_KEYS, TrainConfig, global_batch, batch_layout, resume_changes
-from trainer.data import ClipSource, DataError, DrawOrder, Item, make_loader, plan_items
+from trainer.data import BatchLayout, ClipSource, DataError, DrawOrder, Item, make_loader, plan_items
 from trainer.logs import plot_losses, read_log
 from trainer.optim import EMA, AdamW, LossScaler, clip_coefficient, learning_rate_at
 from conftest import assert_f32_close
@@ -127,17 +127,21 @@ def test_impossible_options_are_one_line_errors_at_start(argv, needle):
 # data order and reading
 # ------------------------------------------------------------------------------------------------
 
-def test_draw_order_is_a_function_of_seed_and_epoch_and_shards_are_disjoint():
-    a, b = DrawOrder(10, seed=5, rank=0, world_size=2), DrawOrder(10, seed=5, rank=1, world_size=2)
-    assert a.per_epoch == 5
+def test_draw_order_is_a_function_of_seed_and_epoch_and_ranks_take_disjoint_slices():
+    a = DrawOrder(10, seed=5)
+    assert a.per_epoch == 10
     for epoch in range(3):
-        ea, eb = a.epoch_order(epoch), b.epoch_order(epoch)
-        assert not set(ea) & set(eb) and len(set(ea) | set(eb)) == 10
-    again = DrawOrder(10, seed=5, rank=0, world_size=2)
-    assert [again.item(d) for d in range(17)] == [a.item(d) for d in range(17)]  # any order of access
+        assert sorted(a.epoch_order(epoch)) == list(range(10))
+    again = DrawOrder(10, seed=5)
+    assert [again.item(d) for d in range(27)][::-1] == [a.item(d) for d in range(26, -1, -1)]  # any access order
     assert list(a.epoch_order(0)) != list(a.epoch_order(1))
     assert list(DrawOrder(10, seed=6).epoch_order(0)) != list(DrawOrder(10, seed=5).epoch_order(0))
-    assert a.position(12) == (2, 2)
+    assert a.position(12) == (1, 2)
+    # two ranks x batch 2 x 2 micro-steps: rank r reads global slice [4r, 4r+4) of every 8, in order
+    r0, r1 = (BatchLayout(2, 2, 2, rank) for rank in (0, 1))
+    assert list(r0.rank_draws(16, 2)[:]) == [16, 17, 18, 19, 24, 25, 26, 27]
+    assert list(r1.rank_draws(16, 2)[:]) == [20, 21, 22, 23, 28, 29, 30, 31]
+    assert r1.micro_indices(16, 1, 1).tolist() == [30, 31] and len(r1.rank_draws(16, 2)) == 8
 
 
 def test_short_entries_are_counted_and_validation_entries_held_out():
@@ -178,8 +182,8 @@ def test_loader_resumes_at_exactly_the_next_sample_in_the_same_order(cache):
     items = [Item(r["id"], r["num_frames"]) for r in store.entries().to_pylist() if r["num_frames"] >= 4]
     src = ClipSource(items, DrawOrder(len(items), 1), cache_reader(store, 4, 1), 4, 1, (4, 4, 8, 8),
                      latent=("sample", 0.18215))
-    whole = [x for x, _, _ in make_loader(src, 0, 24, 4, num_workers=2, chunk_batches=2)]
-    resumed = [x for x, _, _ in make_loader(src, 12, 12, 4, num_workers=2, chunk_batches=2)]
+    whole = [x for x, _, _ in make_loader(src, range(24), 4, num_workers=2, chunk_batches=2)]
+    resumed = [x for x, _, _ in make_loader(src, range(12, 24), 4, num_workers=2, chunk_batches=2)]
     assert len(whole) == 6
     for got, want in zip(resumed, whole[3:]):
         np.testing.assert_array_equal(got, want)
@@ -195,7 +199,7 @@ def test_unreadable_entry_is_flagged_not_raised_in_the_workers():
 
     items = [Item("fine", 5), Item("broken", 5)]
     src = ClipSource(items, DrawOrder(2, 0), read, 2, 1, (2, 1, 2, 2), latent=("mean", 1.0))
-    bad = np.concatenate([b for _, _, b in make_loader(src, 0, 4, 2, num_workers=2)])
+    bad = np.concatenate([b for _, _, b in make_loader(src, range(4), 2, num_workers=2)])
     assert sorted(set(bad.tolist())) == [-1, 1]
 
 
@@ -303,17 +307,19 @@ def test_prune_keeps_the_last_k_and_every_final_checkpoint(tmp_path):
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [20, 15, 5]
 
 
-def test_resume_changes_name_each_result_changing_key_even_with_the_same_global_batch():
+def test_resume_changes_name_each_result_changing_key_and_compare_only_the_global_batch():
     cfg = parse_config(TrainConfig, ["-c", TINY, "--cache_folder", "c"], prog="latte train")
     saved = dataclasses.asdict(cfg)
     neutral = replace(cfg, train_steps=9, log_every=7, ckpt_every=5, keep_checkpoints=9, progress=True,
                       output_folder="elsewhere", resume="auto", val_every=10, num_workers=4, pretrained="x.ckpt")
     assert resume_changes(saved, neutral, 1, 1) == []
-    # batch 4 x 1 accumulation -> 2 x 2: the same global batch, still refused (until elastic resume)
+    # batch 4 x 1 accumulation -> 2 x 2, or 2 ranks x 2 -> 1 rank x 2 x 2: the same global batch passes
     halved = replace(cfg, batch_size=2, gradient_accumulation_steps=2)
     assert global_batch(batch_layout(saved, 1)) == global_batch(batch_layout(halved, 1)) == 4
-    assert resume_changes(saved, halved, 1, 1) == [("batch_size", 4, 2), ("gradient_accumulation_steps", 1, 2)]
-    assert resume_changes(saved, cfg, 1, 2) == [("world_size", 1, 2)]
+    assert resume_changes(saved, halved, 1, 1) == []
+    assert resume_changes(dataclasses.asdict(replace(cfg, batch_size=2)), halved, 2, 1) == []
+    assert resume_changes(saved, cfg, 1, 2) == [("global_batch", 4, 8)]
+    assert resume_changes(saved, replace(cfg, batch_size=2), 1, 1) == [("global_batch", 4, 2)]
     assert resume_changes(saved, replace(cfg, cpu_threads=4), 1, 1) == [("cpu_threads", 1, 4)]
     assert resume_changes(saved, replace(cfg, learning_rate=2e-3, seed=1), 1, 1) == [
         ("learning_rate", 1e-3, 2e-3), ("seed", 3407, 1)]
@@ -325,19 +331,19 @@ def test_resume_changes_name_each_result_changing_key_even_with_the_same_global_
     assert resume_changes(older, replace(cfg, latent_sample="mean"), 1, 1) == []
 
 
-def test_resume_refuses_changed_batch_size_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
+def test_resume_refuses_a_changed_global_batch_unless_allowed_and_neutral_keys_pass(cache, tmp_path):
     run = tmp_path / "run"
     common = ["--cache_folder", cache, "--output_folder", run, "--val_every", 0, "--mode", "pynative"]
     first = subprocess.run(_train_cmd(*common, "--train_steps", 2, "--ckpt_every", 2),
                            env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     refused = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--batch_size", 2,
-                                        "--gradient_accumulation_steps", 2),
+                                        "--gradient_accumulation_steps", 3),
                              env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
     last = refused.stderr.strip().splitlines()[-1]
     assert last.startswith("latte train: error: ") and "step_0000002.safetensors" in last
-    assert "batch_size 4 -> 2" in last and "gradient_accumulation_steps 1 -> 2" in last
+    assert "global_batch 4 -> 6" in last and "--gradient_accumulation_steps" in last
     assert "--resume_allow_changes" in last
     assert [s for s, _ in ckpt.list_checkpoints(run)] == [2]
     neutral = subprocess.run(_train_cmd(*common, "--resume", "auto", "--train_steps", 3, "--log_every", 3,
@@ -348,7 +354,7 @@ def test_resume_refuses_changed_batch_size_unless_allowed_and_neutral_keys_pass(
                                         "--resume_allow_changes", "True"),
                              env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert "warning: resuming" in allowed.stderr and "batch_size 4 -> 2" in allowed.stderr
+    assert "warning: resuming" in allowed.stderr and "global_batch 4 -> 2" in allowed.stderr
     assert [s for s, _ in ckpt.list_checkpoints(run)][0] == 4
 
 

@@ -33,13 +33,16 @@ RESULT_NEUTRAL_KEYS = frozenset({
     # how fast, not what: the readers fill draws by number, in any order (cpu_threads is not here: the
     # thread count may change how kernels split a float sum, so the bits)
     "num_workers",
+    # whether a launcher gives the ranks: the world size it gives is compared through the global batch
+    "use_parallel",
 })
 
 # What one optimizer step averages over: world size x batch_size x gradient_accumulation_steps clips
-# (the world size comes from the launcher and is kept in the checkpoint's sampler state). Today each
-# factor must match on resume, since the per-rank sample order and the order of the float sums depend
-# on them. Elastic resume (another world size, the same global batch through the accumulation) will
-# compare only `global_batch(layout)` here.
+# (the world size comes from the launcher and is kept in the checkpoint's sampler state). Only their
+# product, the global batch, fixes what a run computes: every sample's order and randomness is keyed
+# by its global position (trainer/data.py), so a resume may trade ranks for accumulation steps (elastic
+# resume) and differ only in how a step's float sums are split. `resume_changes` compares
+# `global_batch(layout)`, never the factors.
 BATCH_KEYS = ("world_size", "batch_size", "gradient_accumulation_steps")
 
 
@@ -64,8 +67,9 @@ def resume_changes(saved, cfg, saved_world_size, world_size):
             continue
         if saved[f.name] != getattr(cfg, f.name):
             changes.append((f.name, saved[f.name], getattr(cfg, f.name)))
-    before, now = batch_layout(saved, saved_world_size), batch_layout(cfg, world_size)
-    changes += [(key, before[key], now[key]) for key in BATCH_KEYS if before[key] != now[key]]
+    before, now = global_batch(batch_layout(saved, saved_world_size)), global_batch(batch_layout(cfg, world_size))
+    if before != now:
+        changes.append(("global_batch", before, now))
     return changes
 
 

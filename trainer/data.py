@@ -1,12 +1,21 @@
 """Training clips: which entries qualify, in which order they are drawn, and how a clip is read.
 
-The order is a pure function of (seed, epoch, rank): each epoch is one seeded permutation of the
-training entries, dealt out to the ranks like cards (`perm[rank::world]`, cut to equal length so
-every rank takes the same number of steps). Sample number `draw` of a rank is entry
-`order(epoch)[position]` with `epoch, position = divmod(draw, per_epoch)`, and the random bits of that
-sample (window start, latent noise) come from a generator keyed by (seed, rank, draw). So the
-sampler's whole state is one integer, a resumed run starts reading at exactly the next sample, and
-the data workers may run in any order without changing what is read.
+The order is a pure function of the seed and of each sample's GLOBAL position, never of the rank
+that reads it, so a run may resume on another number of ranks and still see the same samples:
+
+- global sample `g = step * G + j`, `j` in [0, G), `G = world_size * batch_size * accumulation`
+  (`BatchLayout`); rank `r`'s micro-step `a` takes `j` in `[(r*A + a) * B, (r*A + a + 1) * B)`,
+  so each rank reads one contiguous slice of `A * B` samples per step, micro-step by micro-step;
+- sample `g` is entry `order(epoch)[position]` with `epoch, position = divmod(g, num_items)`, each
+  epoch one seeded permutation of the training entries (`DrawOrder`);
+- every random bit of sample `g` comes from generators keyed by (seed, stream, g): its window start
+  and latent noise (stream 1, here), its diffusion timestep, noise and label dropout (stream 2, the
+  trainer), its VAE posterior noise in video mode (stream 4).
+
+With equal global batches the only thing a new layout changes is how the float sums of one step are
+split (per micro-batch, accumulated, all-reduced), so the losses agree to float32 rounding. The
+sampler's whole state is one integer (the next `g`), a resumed run starts reading at exactly the
+next sample, and the data workers may run in any order without changing what is read.
 
 A clip is `num_frames` frames `sample_stride` apart from a random window of an entry; its latent is
 `(mean + std*eps) * scale_factor` drawn anew each time (the original samples the VAE posterior for
@@ -92,27 +101,36 @@ def _label(row, num_classes):
     return label
 
 
-class DrawOrder:
-    """Which item a rank's sample number `draw` is, and the generator for that sample's random bits."""
+# random streams keyed by (seed, stream, global sample index)
+DATA_STREAM, DIFFUSION_STREAM, POSTERIOR_STREAM = 1, 2, 4
 
-    def __init__(self, num_items, seed, rank=0, world_size=1):
-        self.num_items, self.seed, self.rank, self.world_size = num_items, seed, rank, world_size
-        self.per_epoch = num_items // world_size
-        if self.per_epoch < 1:
-            raise DataError(f"{num_items} training entries cannot feed {world_size} ranks: "
-                            f"use fewer ranks or more data")
+
+def sample_rng(seed, stream, index):
+    """The generator for one global sample's random bits of one stream."""
+    return np.random.default_rng([seed, stream, int(index)])
+
+
+class DrawOrder:
+    """Which item global sample `g` is, and the generator for that sample's data random bits."""
+
+    def __init__(self, num_items, seed):
+        if num_items < 1:
+            raise DataError("no training entries")
+        self.num_items, self.seed = num_items, seed
+        self.per_epoch = num_items  # every entry once per epoch, however many ranks read them
         self._cache = {}
 
     def epoch_order(self, epoch):
         order = self._cache.get(epoch)
         if order is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
-            order = perm[self.rank::self.world_size][:self.per_epoch]
-            self._cache = {epoch: order}  # one epoch at a time is all the readers ever need
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+            # a step may straddle two epochs, and the readers run ahead: keep the last few
+            self._cache = {e: o for e, o in self._cache.items() if e >= epoch - 2}
+            self._cache[epoch] = order
         return order
 
     def position(self, draw):
-        """(epoch, position within the epoch) of sample `draw`."""
+        """(epoch, position within the epoch) of global sample `draw`."""
         return divmod(int(draw), self.per_epoch)
 
     def item(self, draw):
@@ -120,7 +138,50 @@ class DrawOrder:
         return int(self.epoch_order(epoch)[pos])
 
     def rng(self, draw):
-        return np.random.default_rng([self.seed, 1, self.rank, int(draw)])
+        return sample_rng(self.seed, DATA_STREAM, draw)
+
+
+class BatchLayout:
+    """How global samples map onto (step, rank, micro-step): see the module docstring.
+
+    `G` (global_batch) is the only number that fixes what a run computes; world size, batch size
+    and accumulation may trade against each other on resume."""
+
+    def __init__(self, world_size, batch_size, accumulation, rank=0):
+        self.world_size, self.batch_size, self.accumulation, self.rank = world_size, batch_size, accumulation, rank
+        self.per_rank = batch_size * accumulation
+        self.global_batch = world_size * self.per_rank
+
+    def micro_indices(self, first, step, micro):
+        """Global indices of this rank's micro-step `micro` of step `step` (counted from the step
+        whose first sample is `first`)."""
+        lo = first + step * self.global_batch + self.rank * self.per_rank + micro * self.batch_size
+        return np.arange(lo, lo + self.batch_size, dtype=np.int64)
+
+    def rank_draws(self, first, num_steps):
+        """The global indices this rank reads for `num_steps` steps from `first`, in reading order."""
+        return RankDraws(self, first, num_steps)
+
+
+class RankDraws:
+    """A lazy sequence of global indices (a long run has too many to list)."""
+
+    def __init__(self, layout, first, num_steps):
+        self.layout, self.first, self.num_steps = layout, first, num_steps
+
+    def __len__(self):
+        return self.num_steps * self.layout.per_rank
+
+    def _at(self, k):
+        step, m = divmod(k, self.layout.per_rank)
+        return self.first + step * self.layout.global_batch + self.layout.rank * self.layout.per_rank + m
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self._at(i) for i in range(len(self))[k]]
+        if not 0 <= k < len(self):
+            raise IndexError(k)
+        return self._at(k)
 
 
 def first_line(err):
@@ -130,7 +191,7 @@ def first_line(err):
 
 
 class ClipSource:
-    """Random-access source for `mindspore.dataset.GeneratorDataset`: index = draw number.
+    """Random-access source for `mindspore.dataset.GeneratorDataset`: index = global sample index.
 
     `read(item, start)` returns the clip's float32 array: for the cache, the latent (F, 4, h, w)
     (this class draws the posterior sample); for raw video, the frames (F, 3, S, S) that the trainer
@@ -149,11 +210,15 @@ class ClipSource:
     def __len__(self):
         return 2 ** 62  # draws are unbounded; the sampler decides how many are read
 
-    def __getitem__(self, draw):
+    def pick(self, draw):
+        """(item index, window start, generator left at the latent noise) of global sample `draw`."""
         idx = self.order.item(draw)
-        item = self.items[idx]
         rng = self.order.rng(draw)
-        start = int(rng.integers(0, item.num_frames - self.span + 1))
+        return idx, int(rng.integers(0, self.items[idx].num_frames - self.span + 1)), rng
+
+    def __getitem__(self, draw):
+        idx, start, rng = self.pick(draw)
+        item = self.items[idx]
         try:
             x = self._read(item, start)
             if self.latent is not None:
@@ -169,19 +234,20 @@ class ClipSource:
         return x, np.int32(item.label), np.int32(bad)
 
 
-def make_loader(source, start_draw, num_draws, batch_size, num_workers=2, chunk_batches=256):
-    """Batches (x, label, bad) of numpy arrays for draws start_draw .. start_draw+num_draws-1, in
-    order, read by `num_workers` threads through `mindspore.dataset.GeneratorDataset`.
+def make_loader(source, draws, batch_size, num_workers=2, chunk_batches=256):
+    """Batches (x, label, bad) of numpy arrays for the global indices `draws` (a sequence: a range,
+    or `BatchLayout.rank_draws`), in order, read by `num_workers` threads through
+    `mindspore.dataset.GeneratorDataset`.
 
     The pipeline is rebuilt every `chunk_batches` batches because GeneratorDataset materialises
     its whole sampler up front (25M draws of a long run: 1.7 GB and 15 s before the first batch)."""
     import mindspore.dataset as ds
 
-    assert num_draws % batch_size == 0, (num_draws, batch_size)
+    assert len(draws) % batch_size == 0, (len(draws), batch_size)
     chunk = batch_size * chunk_batches
-    for first in range(start_draw, start_draw + num_draws, chunk):
-        draws = range(first, min(first + chunk, start_draw + num_draws))
-        dataset = ds.GeneratorDataset(source, column_names=["x", "label", "bad"], sampler=draws,
+    for first in range(0, len(draws), chunk):
+        dataset = ds.GeneratorDataset(source, column_names=["x", "label", "bad"],
+                                      sampler=list(draws[first:first + chunk]),
                                       num_parallel_workers=max(1, num_workers), python_multiprocessing=False)
         yield from dataset.batch(batch_size, drop_remainder=True).create_tuple_iterator(num_epochs=1,
                                                                                         output_numpy=True)
@@ -275,7 +341,7 @@ def video_reader(entries, num_frames, stride, image_size):
 class TrainData:
     """The training source, the held-out clips, and (video mode) the VAE that encodes frames."""
 
-    def __init__(self, cfg, rank=0, world=1, say=print):
+    def __init__(self, cfg, say=print):
         self.cfg = cfg
         self.vae = None
         self.class_names = None
@@ -306,14 +372,14 @@ class TrainData:
             names = ", ".join(f"{i} ({n})" for i, n in short[:5]) + (", ..." if len(short) > 5 else "")
             say(f"note: {len(short)} of {len(rows)} entries have fewer than {span} frames "
                        f"(num_frames {cfg.num_frames} x stride {cfg.sample_stride}) and are not used: {names}")
-        self.order = DrawOrder(len(self.train), cfg.seed, rank, world)
+        self.order = DrawOrder(len(self.train), cfg.seed)
         if cfg.data_source == "cache":
             shape, latent = (cfg.num_frames,) + self.latent_shape, (cfg.latent_sample, self.scale)
         else:
             shape, latent = (cfg.num_frames, 3, cfg.image_size, cfg.image_size), None
         self.source = ClipSource(self.train, self.order, read, cfg.num_frames, cfg.sample_stride, shape, latent)
         say(f"data: {len(self.train)} training entries, {len(self.val)} held out, {not_ok} not ok, "
-                   f"{len(short)} too short; {self.order.per_epoch} clips per rank per epoch")
+                   f"{len(short)} too short; {self.order.per_epoch} clips per epoch")
 
     def _load_vae(self):
         from models.vae import downscale_of, load_vae, vae_config
@@ -344,16 +410,24 @@ class TrainData:
         return DataError(f"video entry {item.id!r} cannot be read ({problem}): fix or remove it under "
                          f"{self.cfg.data_folder}")
 
-    def encode(self, frames, rng, mode):
-        """(B, F, 3, S, S) frames -> (B, F, 4, h, w) scaled latents (video mode)."""
+    def encode(self, frames, indices, mode):
+        """(B, F, 3, S, S) frames of global samples `indices` -> (B, F, 4, h, w) scaled latents
+        (video mode); each sample's posterior noise is keyed by its index."""
         from mindspore import Tensor
 
         b, f = frames.shape[:2]
         mean, std = self.vae.encode(Tensor(frames.reshape((b * f,) + frames.shape[2:])),
                                     micro_batch=self.cfg.vae_micro_batch)
         mean, std = mean.asnumpy(), std.asnumpy()
-        z = mean if mode == "mean" else mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-        return (z * np.float32(self.scale)).astype(np.float32).reshape((b, f) + mean.shape[1:])
+        mean, std = mean.reshape((b, f) + mean.shape[1:]), std.reshape((b, f) + std.shape[1:])
+        if mode == "mean":
+            z = mean
+        else:
+            eps = np.stack([sample_rng(self.cfg.seed, POSTERIOR_STREAM, g).standard_normal(mean.shape[1:],
+                                                                                         dtype=np.float32)
+                            for g in indices])
+            z = mean + std * eps
+        return (z * np.float32(self.scale)).astype(np.float32)
 
     def val_clips(self):
         """Held-out clips from their first frame, posterior mean only: a fixed validation set."""

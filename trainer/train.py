@@ -8,8 +8,10 @@
 
 The objective is the original's (models.diffusion: MSE on epsilon + the variational bound for the
 learned variance, t uniform in [0, 1000)). Everything random is drawn on the host from generators
-keyed by (seed, rank, step) or (seed, rank, sample number), so a run killed at any point and
-resumed from its last checkpoint repeats the uninterrupted run exactly. Only rank 0 writes.
+keyed by (seed, stream, global sample index) (trainer/data.py), so a run killed at any point and
+resumed from its last checkpoint repeats the uninterrupted run exactly, and one resumed on another
+number of ranks with the same global batch (through --gradient_accumulation_steps) sees the same
+samples, timesteps and noise. Only rank 0 writes.
 
 Output folder: checkpoints/step_*.safetensors (see trainer/checkpoint.py), config.yaml (the
 resolved config), log.jsonl (one line per step), loss.png (updated at every checkpoint).
@@ -28,7 +30,7 @@ from models.config import ConfigError, parse_config
 from models.registry import latte_kwargs
 from trainer import checkpoint as ckpt
 from trainer.config import ARCH_KEYS, TrainConfig, resume_changes
-from trainer.data import DataError, TrainData, make_loader
+from trainer.data import DIFFUSION_STREAM, BatchLayout, DataError, TrainData, make_loader, sample_rng
 from trainer.logs import PLOT_NAME, JsonlLog, plot_losses, read_log
 from trainer.optim import LossScaler, learning_rate_at
 
@@ -89,6 +91,9 @@ def _check_same_config(meta, cfg, world, path, rank):
     if not changes:
         return
     listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    if any(key == "global_batch" for key, _, _ in changes):
+        listed += (" (world size x batch_size x gradient_accumulation_steps; another number of ranks keeps the "
+                   "global batch through --gradient_accumulation_steps)")
     if not cfg.resume_allow_changes:
         raise ConfigError(f"{path} was trained with another config ({listed}): resume with the checkpoint's "
                           f"values, or pass --resume_allow_changes True to continue with the new ones (the run "
@@ -114,17 +119,20 @@ def _check_same_model(meta, cfg, net_config, path):
 # the run
 # ------------------------------------------------------------------------------------------------
 
-def _micro_batch(cfg, data, x, labels, rng, num_timesteps):
-    """(x0, t, noise, y) of one micro-batch; labels dropped to the null class for guidance here, on
-    the host, so that the dropout is part of the reproducible random stream."""
+def _micro_batch(cfg, data, x, labels, indices, num_timesteps):
+    """(x0, t, noise, y) of one micro-batch of global samples `indices`; labels dropped to the null
+    class for guidance here, on the host, so that the dropout is part of the reproducible random
+    stream. Each sample's t, noise and dropout come from its own generator keyed by its global index,
+    whichever rank and micro-step draws it."""
     if cfg.data_source == "video":
-        x = data.encode(x, rng, cfg.latent_sample)
-    b = x.shape[0]
-    t = rng.integers(0, num_timesteps, b).astype(np.int32)
-    noise = rng.standard_normal(x.shape, dtype=np.float32)
+        x = data.encode(x, indices, cfg.latent_sample)
+    rngs = [sample_rng(cfg.seed, DIFFUSION_STREAM, g) for g in indices]
+    t = np.array([r.integers(0, num_timesteps) for r in rngs], np.int32)
+    noise = np.stack([r.standard_normal(x.shape[1:], dtype=np.float32) for r in rngs])
     y = np.asarray(labels, np.int32)
     if cfg.num_classes:
-        y = np.where(rng.random(b) < cfg.class_dropout_prob, cfg.num_classes, y).astype(np.int32)
+        drop = np.array([r.random() for r in rngs]) < cfg.class_dropout_prob
+        y = np.where(drop, cfg.num_classes, y).astype(np.int32)
     return x, t, noise, y
 
 
@@ -147,16 +155,18 @@ def _validate(cfg, step_fn, clips, num_timesteps):
     return float(np.mean(losses))
 
 
-def _save(cfg, net, step_fn, data, step, draw, scaler, net_config, final):
+def _save(cfg, net, step_fn, data, layout, step, draw, scaler, net_config, final):
     tensors = {f"model.{name}": p.asnumpy() for name, p in net.parameters_dict().items()}
     trainable = {p.name for p in step_fn.params}
     tensors.update({f"ema.{name}": p.asnumpy() for name, p in net.parameters_dict().items() if name not in trainable})
     tensors.update({name: p.asnumpy() for name, p in step_fn.state().items()})
     epoch, position = data.order.position(draw)
     state = {"step": step, "epoch": epoch, "final": final,
+             # draw: the global index of the next sample (trainer/data.py's layout)
              "sampler": {"draw": draw, "position": position, "per_epoch": data.order.per_epoch,
-                         "num_items": data.order.num_items, "world_size": data.order.world_size},
-             "rng": {"seed": cfg.seed, "scheme": "numpy default_rng keyed by (seed, stream, rank, step or draw)"},
+                         "num_items": data.order.num_items, "world_size": layout.world_size,
+                         "global_batch": layout.global_batch},
+             "rng": {"seed": cfg.seed, "scheme": "numpy default_rng keyed by (seed, stream, global sample index)"},
              "loss_scale": scaler.state()}
     path = ckpt.checkpoint_path(cfg.output_folder, step)
     net_meta = {"kind": "latte", "config": net_config, "variant": cfg.model_name,
@@ -205,7 +215,8 @@ def train(cfg):
     resume_path, meta = _resolve_resume(cfg, rank)
     if meta is not None:
         _check_same_config(meta, cfg, world, resume_path, rank)
-    data = TrainData(cfg, rank, world, say=lambda msg: _say(rank, msg))
+    data = TrainData(cfg, say=lambda msg: _say(rank, msg))
+    layout = BatchLayout(world, cfg.batch_size, cfg.gradient_accumulation_steps, rank)
     net_config = latte_config(cfg, data.latent_shape)
     if meta is not None:
         _check_same_model(meta, cfg, net_config, resume_path)
@@ -230,14 +241,17 @@ def train(cfg):
         del tensors
         state = meta["state"]
         step, draw = int(state["step"]), int(state["sampler"]["draw"])
+        if "global_batch" not in state["sampler"]:  # written before samples were keyed by global index
+            draw = step * layout.global_batch
+            _say(rank, f"warning: {resume_path} predates the global sample order: the samples after it differ "
+                       f"from the ones its run would have drawn")
         scaler.load(state.get("loss_scale", {}))
         if state["sampler"].get("per_epoch") != data.order.per_epoch:
             _say(rank, f"warning: the data changed since {resume_path} ({state['sampler'].get('per_epoch')} -> "
                        f"{data.order.per_epoch} clips per epoch): the sample order does not continue exactly")
         _say(rank, f"resumed from {resume_path} at step {step}")
 
-    per_step = cfg.batch_size * cfg.gradient_accumulation_steps
-    global_batch = per_step * world
+    global_batch = layout.global_batch
     n_params = sum(p.size for p in step_fn.params)
     _say(rank, f"{cfg.model_name}: {n_params / 1e6:.2f} M trainable parameters; global batch {global_batch} = "
                f"{world} ranks x {cfg.batch_size} clips x {cfg.gradient_accumulation_steps} accumulation steps")
@@ -258,7 +272,9 @@ def train(cfg):
     if val_clips and step == 0:  # the untrained baseline, so the curve shows how far it fell
         log.write({"step": 0, "val_loss": _validate(cfg, step_fn, val_clips, diffusion.num_timesteps)})
 
-    loader = make_loader(data.source, draw, (cfg.train_steps - step) * per_step, cfg.batch_size, cfg.num_workers)
+    first_step, first_draw = step, draw
+    loader = make_loader(data.source, layout.rank_draws(first_draw, cfg.train_steps - step), cfg.batch_size,
+                         cfg.num_workers)
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
@@ -271,14 +287,14 @@ def train(cfg):
             for k in range(cfg.gradient_accumulation_steps):
                 x, labels, bad = next(loader)
                 data.check(bad)
-                rng = np.random.default_rng([cfg.seed, 2, rank, step, k])
-                micro.append(_micro_batch(cfg, data, x, labels, rng, diffusion.num_timesteps))
+                indices = layout.micro_indices(first_draw, step - first_step, k)
+                micro.append(_micro_batch(cfg, data, x, labels, indices, diffusion.num_timesteps))
             lr = learning_rate_at(step, cfg)
             max_norm = cfg.clip_max_norm if cfg.clip_max_norm and step >= cfg.start_clip_iter else math.inf
             loss, mse, vb, norm, applied = step_fn(micro, step, lr, max_norm, cfg.ema_decay, scaler.scale)
             scaler.update(applied)
             step += 1
-            draw += per_step
+            draw += global_batch
             dt = time.perf_counter() - t0
             if rank != 0:
                 continue
@@ -294,7 +310,8 @@ def train(cfg):
             if cfg.val_every and step % cfg.val_every == 0:
                 log.write({"step": step, "val_loss": _validate(cfg, step_fn, val_clips, diffusion.num_timesteps)})
             if step % cfg.ckpt_every == 0 or step == cfg.train_steps:
-                path = _save(cfg, net, step_fn, data, step, draw, scaler, net_config, final=step == cfg.train_steps)
+                path = _save(cfg, net, step_fn, data, layout, step, draw, scaler, net_config,
+                             final=step == cfg.train_steps)
             if bar is not None:
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{global_batch / dt:.2f}", refresh=False)
                 bar.update(1)
