@@ -28,6 +28,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
+from models import conv_select
 from models import cpu_kernels as kernels
 from models.runtime import device_target
 
@@ -142,6 +143,9 @@ class Conv2d(nn.Cell):
         self.fused = (self.impl == "matmul" and dtype == ms.float32 and fits and _use_kernels(cpu_kernels))
         if self.fused:
             self.im2col = kernels.Im2Col(kernel_size, down=stride == 2)
+        self.selected = conv_select.applies(kernel_size, stride, padding, self.fused)
+        if self.selected:  # 3x3 stride 1: im2col, Winograd or native, measured per machine and shape
+            self.select = conv_select.SelectedConv()
 
     def construct(self, x):
         if self.stride == 2 and (x.shape[2] % 2 or x.shape[3] % 2):
@@ -158,6 +162,8 @@ class Conv2d(nn.Cell):
             else:
                 y = ops.conv2d(x, w, None, 1, "valid", 0)
             return ops.bias_add(y, b)
+        if self.selected:
+            return self.select(x, w, b)
         if self.fused:
             n, c, h, wd = x.shape
             cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))  # (N, k*k*C + 1, Ho, Wo)
