@@ -20,6 +20,7 @@ largest magnitude) is never chosen, whatever its speed.
 """
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ from models.cpu_features import isa_key
 CANDIDATES = ("im2col", "winograd2", "winograd4", "native")
 TOLERANCE = 5e-6  # max |y - y_im2col| / max |y_im2col|: F(2x2) measured 1e-6..2e-6, F(4x4) 3e-6..1e-5
 _REPS = 3
+MIN_MACS = 5e8  # below this (a few ms) the choice is not worth a measurement: im2col
 
 _choices = None  # the cache file's contents, loaded once per process
 
@@ -137,23 +139,51 @@ def measure(n, c, h, w, o, candidates=CANDIDATES):
 
 
 def choose(c, h, w, o):
-    """The convolution to use for frames (c, h, w) -> (o, h, w): forced by LATTE_CONV, read from the
-    on-disk cache, or measured now on one frame (and saved)."""
+    """The convolution to use for frames (c, h, w) -> (o, h, w): forced by LATTE_CONV, im2col for
+    shapes too small to matter, else read from the on-disk cache or measured now (and saved)."""
     forced = os.environ.get("LATTE_CONV", "auto")
     if forced != "auto":
         if forced not in CANDIDATES:
             raise ValueError(f"LATTE_CONV={forced!r} is not one of auto, {', '.join(CANDIDATES)}")
         return forced
-    choices = _load()
+    if 9 * c * o * h * w < MIN_MACS:
+        return "im2col"
     key = shape_key(c, h, w, o)
-    if key not in choices:
-        timings = measure(1, c, h, w, o)
-        ok = {k: v[0] for k, v in timings.items() if v[1] <= TOLERANCE}
-        choices[key] = min(ok, key=ok.get)
-        print(f"conv_select: {key}: " + ", ".join(f"{k} {v[0] * 1e3:.1f} ms (dev {v[1]:.1e})"
-                                                   for k, v in timings.items()) + f" -> {choices[key]}",
+    if key not in _load():
+        _measure_in_child(c, h, w, o)
+    return _load().get(key, "im2col")
+
+
+def _measure_in_child(c, h, w, o):
+    """Measure in a fresh PyNative process: this runs while MindSpore compiles a graph, and running
+    other ops from inside the compiler crashes it (SIGSEGV, measured). The child writes the cache."""
+    global _choices
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "models.conv_select", str(c), str(h), str(w), str(o), str(_threads())]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in run.stderr.splitlines():
+        if line.startswith(("conv_select:", "note:")):
+            print(line, file=sys.stderr)
+    if run.returncode:
+        last = (run.stderr.strip().splitlines() or ["(no output)"])[-1]
+        print(f"note: conv_select could not measure {shape_key(c, h, w, o)} ({last}); using im2col",
               file=sys.stderr)
-        _save()
+    _choices = None  # re-read what the child saved
+
+
+def _measure_and_save(c, h, w, o):
+    global _choices
+    timings = measure(1, c, h, w, o)
+    ok = {k: v[0] for k, v in timings.items() if v[1] <= TOLERANCE}
+    _choices = None
+    choices = _load()  # the file as it is now: other processes may have added shapes meanwhile
+    key = shape_key(c, h, w, o)
+    choices[key] = min(ok, key=ok.get)
+    print(f"conv_select: {key}: " + ", ".join(f"{k} {v[0] * 1e3:.1f} ms (dev {v[1]:.1e})"
+                                               for k, v in timings.items()) + f" -> {choices[key]}",
+          file=sys.stderr)
+    _save()
     return choices[key]
 
 
@@ -252,3 +282,13 @@ def applies(kernel_size, stride, padding, fused):
     """Whether layers.Conv2d should route through SelectedConv: a 3x3 "same" stride-1 conv on the
     fused CPU path (the candidates all need the C++ kernels)."""
     return fused and kernel_size == 3 and stride == 1 and padding == 1
+
+
+if __name__ == "__main__":  # the measuring child: python -m models.conv_select C H W O THREADS
+    from models.runtime import setup_device
+
+    c_, h_, w_, o_, threads_ = (int(a) for a in sys.argv[1:6])
+    setup_device("CPU", "pynative", cpu_threads=threads_)
+    if not kernels.available():
+        sys.exit("conv_select: the fused CPU kernels cannot be built")
+    _measure_and_save(c_, h_, w_, o_)

@@ -70,6 +70,9 @@ def test_winograd_rejects_other_tiles():
         conv_select.WinogradConv(3)
 
 
+BIG = (128, 64, 64, 128)  # (c, h, w, o): above MIN_MACS, so measured
+
+
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path))
@@ -78,7 +81,13 @@ def cache_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_choice_is_measured_once_and_cached_under_isa_key(cache_dir, monkeypatch):
+@pytest.fixture
+def in_process(monkeypatch):
+    """Measure in this process (the real code uses a child process, tested separately)."""
+    monkeypatch.setattr(conv_select, "_measure_in_child", conv_select._measure_and_save)
+
+
+def test_choice_is_measured_once_and_cached_under_isa_key(cache_dir, in_process, monkeypatch):
     calls = []
 
     def fake_measure(n, c, h, w, o):
@@ -86,29 +95,41 @@ def test_choice_is_measured_once_and_cached_under_isa_key(cache_dir, monkeypatch
         return {"im2col": (3.0, 0.0), "winograd2": (1.0, 1e-6), "winograd4": (2.0, 3e-6), "native": (9.0, 0.0)}
 
     monkeypatch.setattr(conv_select, "measure", fake_measure)
-    assert conv_select.choose(16, 8, 8, 32) == "winograd2"
-    assert conv_select.choose(16, 8, 8, 32) == "winograd2"
-    assert calls == [(1, 16, 8, 8, 32)]
+    assert conv_select.choose(*BIG) == "winograd2"
+    assert conv_select.choose(*BIG) == "winograd2"
+    assert calls == [(1,) + BIG]
     path = conv_select.cache_path()
     assert path.parent == cache_dir and conv_select.isa_key() in path.name
-    assert json.loads(path.read_text()) == {conv_select.shape_key(16, 8, 8, 32): "winograd2"}
+    assert json.loads(path.read_text()) == {conv_select.shape_key(*BIG): "winograd2"}
     monkeypatch.setattr(conv_select, "_choices", None)  # a new process reads the file, measures nothing
-    assert conv_select.choose(16, 8, 8, 32) == "winograd2" and len(calls) == 1
+    assert conv_select.choose(*BIG) == "winograd2" and len(calls) == 1
 
 
-def test_choice_never_takes_an_inaccurate_candidate(cache_dir, monkeypatch):
+def test_small_shapes_take_im2col_without_measuring(cache_dir, monkeypatch):
+    monkeypatch.setattr(conv_select, "_measure_in_child", lambda *a: pytest.fail("must not measure"))
+    assert conv_select.choose(8, 16, 16, 8) == "im2col"
+
+
+def test_measuring_child_saves_its_choice(cache_dir):
+    # the real path: a PyNative child process (measuring inside a graph compile crashes MindSpore)
+    conv_select._measure_in_child(*BIG)
+    saved = json.loads(conv_select.cache_path().read_text())
+    assert saved[conv_select.shape_key(*BIG)] in conv_select.CANDIDATES
+
+
+def test_choice_never_takes_an_inaccurate_candidate(cache_dir, in_process, monkeypatch):
     monkeypatch.setattr(conv_select, "measure", lambda *a: {
         "im2col": (3.0, 0.0), "winograd2": (2.0, 1e-6), "winograd4": (0.5, 1e-3), "native": (9.0, 0.0)})
-    assert conv_select.choose(8, 4, 4, 8) == "winograd2"
+    assert conv_select.choose(*BIG) == "winograd2"
 
 
 def test_latte_conv_forces_a_path(cache_dir, monkeypatch):
-    monkeypatch.setattr(conv_select, "measure", lambda *a: pytest.fail("forced path must not measure"))
+    monkeypatch.setattr(conv_select, "_measure_in_child", lambda *a: pytest.fail("forced path must not measure"))
     monkeypatch.setenv("LATTE_CONV", "native")
-    assert conv_select.choose(8, 4, 4, 8) == "native"
+    assert conv_select.choose(*BIG) == "native"
     monkeypatch.setenv("LATTE_CONV", "fastest")
     with pytest.raises(ValueError, match="LATTE_CONV"):
-        conv_select.choose(8, 4, 4, 8)
+        conv_select.choose(*BIG)
 
 
 def test_measure_reports_every_candidate_with_its_deviation(cache_dir):
