@@ -163,3 +163,53 @@ def load_state(model, path):
         state = state.get("ema", state.get("model"))
     model.load_state_dict(state)
     return model
+
+
+class TrainStep:
+    """One training step of the original recipe on torch: DiT's loss (MSE on epsilon + the
+    variational bound term of the learned variance, 1000 linear betas), AdamW (lr 1e-4, wd 0),
+    gradient clipping to `clip` and an EMA update, as bench/bench_train.py's peer. The loss's
+    arithmetic is a few passes over a 16x4x32x32 tensor: the network is what is timed."""
+
+    def __init__(self, model, clip=0.1, ema_decay=0.9999):
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        alphas = torch.cumprod(1 - betas, 0)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas[:-1]])
+        post_var = betas * (1 - prev) / (1 - alphas)
+        f = lambda v: v.float()  # noqa: E731
+        self.sqrt_a, self.sqrt_1ma = f(alphas.sqrt()), f((1 - alphas).sqrt())
+        self.recip_a, self.recipm1_a = f((1 / alphas).sqrt()), f((1 / alphas - 1).sqrt())
+        self.c1, self.c2 = f(betas * prev.sqrt() / (1 - alphas)), f((1 - prev) * (1 - betas).sqrt() / (1 - alphas))
+        self.log_var_clipped = f(torch.log(torch.cat([post_var[1:2], post_var[1:]])))
+        self.log_beta = f(torch.log(betas))
+        self.model, self.clip, self.decay = model, clip, ema_decay
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
+        self.ema = [p.detach().clone() for p in model.parameters()]
+
+    def loss(self, x0, t, noise):
+        g = lambda a: a[t].view(-1, 1, 1, 1, 1)  # noqa: E731
+        xt = g(self.sqrt_a) * x0 + g(self.sqrt_1ma) * noise
+        out = self.model(xt, t)
+        eps, v = out.chunk(2, dim=2)
+        mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3, 4))
+        frac = (v + 1) / 2
+        log_var = frac * g(self.log_beta) + (1 - frac) * g(self.log_var_clipped)
+        x0_pred = g(self.recip_a) * xt - g(self.recipm1_a) * eps.detach()
+        mean_pred = g(self.c1) * x0_pred + g(self.c2) * xt
+        mean_true = g(self.c1) * x0 + g(self.c2) * xt
+        log_true = g(self.log_var_clipped)
+        kl = 0.5 * (-1 + log_var - log_true + torch.exp(log_true - log_var)
+                    + (mean_true - mean_pred) ** 2 * torch.exp(-log_var))
+        vb = kl.mean(dim=(1, 2, 3, 4)) / math.log(2.0)  # DiT: x num_timesteps / 1000 = 1
+        return (mse + vb).mean()
+
+    def __call__(self, x0, t, noise):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(x0, t, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.opt.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema, self.model.parameters()):
+                e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        return float(loss.detach())
