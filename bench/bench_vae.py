@@ -46,15 +46,18 @@ def encoder_flops(ch=SD_VAE["block_out_channels"], layers=SD_VAE["layers_per_blo
 
 
 def _timed(fn, reps):
+    """(first call incl. compile, median wall s, median CPU s of this process) over `reps` calls. CPU
+    seconds are the steadier figure on a shared host (wall time there includes waiting for a core)."""
     t = time.perf_counter()
     fn()
     first = time.perf_counter() - t
-    times = []
+    times, cpu = [], []
     for _ in range(reps):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t)
-    return first, sorted(times)[len(times) // 2]
+        cpu.append(time.process_time() - c)
+    return first, sorted(times)[len(times) // 2], sorted(cpu)[len(cpu) // 2]
 
 
 def child_ours(args):
@@ -72,8 +75,8 @@ def child_ours(args):
     else:
         z = ms.Tensor(rng.standard_normal((args.batch, 4, args.size // 8, args.size // 8)).astype(np.float32))
         fn = lambda: vae.decode(z).asnumpy()  # noqa: E731
-    first, t = _timed(fn, args.reps)
-    out = {"s_per_frame": t / args.batch, "first_s": first}
+    first, t, cpu = _timed(fn, args.reps)
+    out = {"s_per_frame": t / args.batch, "cpu_s_per_frame": cpu / args.batch, "first_s": first}
     if args.peak:
         out["matmul_peak_gflops"] = matmul_peak()
     peer.report(out)
@@ -94,8 +97,9 @@ def child_torch(args):
         z = torch.randn(args.batch, 4, args.size // 8, args.size // 8)
         fn = lambda: vae.decode(z).sample  # noqa: E731
     with torch.inference_mode():
-        first, t = _timed(fn, args.reps)
-    peer.report({"s_per_frame": t / args.batch, "first_s": first, "torch": torch.__version__})
+        first, t, cpu = _timed(fn, args.reps)
+    peer.report({"s_per_frame": t / args.batch, "cpu_s_per_frame": cpu / args.batch, "first_s": first,
+                 "torch": torch.__version__})
 
 
 def matmul_peak(n=2048, repeats=7):
@@ -179,7 +183,8 @@ def main():
             if py:
                 line += (f"; torch {torch_t:.3f} s/frame ({1 / torch_t:.2f} frames/s, first call "
                          f"{peer.median(res['torch'], 'first_s'):.1f} s, peak RSS {torch_m:.0f} MB); "
-                         f"speed ours/torch {peer.ratio(torch_t, ours_t)} torch's frames/s, "
+                         f"speed ours/torch {peer.ratio(torch_t, ours_t)} torch's frames/s (CPU-s: "
+                         f"{peer.ratio(peer.median(res['torch'], 'cpu_s_per_frame'), peer.median(res['ours'], 'cpu_s_per_frame'))}), "
                          f"memory {peer.ratio(ours_m, torch_m)} torch's")
             else:
                 line += "; torch SKIPPED"
