@@ -223,7 +223,9 @@ def main():
         t_ours = peer.median(ours, "s_per_step")
         for which in ("torch", "mindone"):
             if res.get(which):
-                print(f"ours vs {which}: {peer.ratio(peer.median(res[which], 's_per_step'), t_ours)} its steps/s; "
+                cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
+                print(f"ours vs {which}: {peer.ratio(peer.median(res[which], 's_per_step'), t_ours)} its steps/s "
+                      f"(CPU-s: {cpu}); "
                       f"peak memory {peer.ratio(peer.median(ours, 'peak_rss_mb'), peer.median(res[which], 'peak_rss_mb'))} its")
         flops = _bench_train().latte_train_flops(depth=SIZE["depth"], frames=FRAMES, size=LATENT) / 3
         peak = max(r["matmul_peak_gflops"] for r in ours)

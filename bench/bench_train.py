@@ -301,7 +301,8 @@ def main():
         for which in ("torch", "mindone"):
             if res.get(which):
                 t, m = peer.median(res[which], "s_per_step"), peer.median(res[which], "peak_rss_mb")
-                print(f"ours vs {which}: {peer.ratio(t, t_ours)} its steps/s; peak memory "
+                cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
+                print(f"ours vs {which}: {peer.ratio(t, t_ours)} its steps/s (CPU-s: {cpu}); peak memory "
                       f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
 
 
