@@ -157,6 +157,8 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="ours/peer alternations per stage and batch")
     p.add_argument("--peer_python", default="", help="interpreter with torch + diffusers (the `bench` extra)")
     p.add_argument("--no_deviation", dest="deviation", action="store_false")
+    p.add_argument("--direct_too", action="store_true",
+                   help="also run ours forced onto the direct im2col convs (LATTE_CONV=im2col) as a third side")
     p.add_argument("--role", choices=("ours", "torch", "deviation"), help=argparse.SUPPRESS)
     p.add_argument("--stage", default="encode", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -178,6 +180,8 @@ def main():
             peak = ["--peak"] if stage == "encode" else []
             sides = {"ours": [sys.executable, __file__, "--role", "ours"] + common + peak,
                      "torch": [py, __file__, "--role", "torch"] + common if py else None}
+            if args.direct_too:
+                sides["ours_im2col"] = ([sys.executable, __file__, "--role", "ours"] + common, {"LATTE_CONV": "im2col"})
             res = peer.alternate(sides, args.rounds)
             ours_t, torch_t = peer.median(res["ours"], "s_per_frame"), peer.median(res["torch"], "s_per_frame")
             ours_m, torch_m = peer.median(res["ours"], "peak_rss_mb"), peer.median(res["torch"], "peak_rss_mb")
@@ -197,6 +201,12 @@ def main():
                 line += (f"; {encoder_flops(size=args.size) / 1e9:.0f} GFLOP/frame (direct-conv count), "
                          f"{gflops:.0f} GFLOP/s = {100 * gflops / best_peak:.0f} % of the fp32 matmul peak "
                          f"({best_peak:.0f} GFLOP/s, best of {7 * len(res['ours'])})")
+            if res.get("ours_im2col"):
+                t_d = peer.median(res["ours_im2col"], "s_per_frame")
+                c_d = peer.median(res["ours_im2col"], "cpu_s_per_frame")
+                line += (f"; ours on direct im2col convs {t_d:.3f} s/frame, {c_d:.3f} CPU-s/frame, peak RSS "
+                         f"{peer.median(res['ours_im2col'], 'peak_rss_mb'):.0f} MB: selected convs "
+                         f"{peer.ratio(t_d, ours_t)} (CPU-s {peer.ratio(c_d, peer.median(res['ours'], 'cpu_s_per_frame'))})")
             summary.append(line)
     print("== summary (medians over rounds) ==")
     print(peer.machine_line())

@@ -82,13 +82,15 @@ def run_child(cmd, env=None):
 
 
 def alternate(sides, rounds):
-    """sides: {name: argv or None}. Runs each side once per round, in order; {name: [results]}."""
+    """sides: {name: argv, (argv, extra env) or None}. Runs each side once per round, in order;
+    returns {name: [results]}."""
     results = {name: [] for name in sides}
     for r in range(rounds):
-        for name, cmd in sides.items():
-            if cmd is None:
+        for name, spec in sides.items():
+            if spec is None:
                 continue
-            res = run_child(cmd)
+            cmd, env = spec if isinstance(spec, tuple) else (spec, None)
+            res = run_child(cmd, env)
             if res is not None:
                 results[name].append(res)
                 print(f"  round {r + 1}/{rounds} {name}: " + ", ".join(
