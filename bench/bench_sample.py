@@ -1,9 +1,15 @@
-"""Sampling benchmark: seconds per denoising step of our Latte against MindONE's, and DDIM-50 against
-DDPM-250 wall time, on this CPU.
+"""Sampling benchmark: seconds per denoising step of our Latte against the original PyTorch Latte (and
+MindONE's), and DDIM-50 against DDPM-250 wall time, on this CPU.
 
+    GLOG_v=3 python bench/bench_sample.py --peer_python /work/torchenv/bin/python --skip_full
     pip install --no-deps --target /tmp/mindone mindone==0.5.0     # only its model code is used
     GLOG_v=3 python bench/bench_sample.py --mindone_path /tmp/mindone
-    GLOG_v=3 python bench/bench_sample.py --skip_full               # per-step figures only
+
+Each side runs in a fresh process (same threads), alternating `--rounds` times; printed: medians,
+peak RSS (VmHWM), ratios, CPU/ISA and load average, and "SKIPPED" for a peer that is not available.
+The torch peer is bench/torch_latte.py (checked against the original's oracle outputs by
+bench/check_torch_latte.py, run first) under torch.inference_mode; its step is the network call plus
+the same DDPM posterior arithmetic on torch (a few passes over a 16x4x32x32 tensor).
 
 Both networks are Latte-S/2 (depth 12, hidden 384, patch 2, 6 heads) on 16 frames of 32x32x4
 latents (256 px videos), batch 1, fp32, graph mode, unconditional, with the SAME weights (ours are
@@ -22,12 +28,14 @@ Then, with our network only: the wall time of a whole DDIM-50 and a whole DDPM-2
 import argparse
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 os.environ.setdefault("GLOG_v", "3")
 
 import numpy as np  # noqa: E402
@@ -93,73 +101,141 @@ def full_run(net, method, steps, seed=0):
     return time.perf_counter() - t0
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--mindone_path", default="", help="folder holding the `mindone` package (pip --target)")
-    p.add_argument("--steps", type=int, default=8, help="denoising steps timed per network (after 2 warm-up)")
-    p.add_argument("--cpu_threads", type=int, default=1)
-    p.add_argument("--skip_full", action="store_true", help="skip the whole DDIM-50 / DDPM-250 runs")
-    args = p.parse_args()
-
-    from models.runtime import setup_device
-    setup_device("CPU", mode="graph", cpu_threads=args.cpu_threads, seed=0)
+def _ours(rng):
     import mindspore as ms
-
     from models.latte import Latte
 
-    print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
-          f"{args.cpu_threads} CPU thread(s), load average {os.getloadavg()[0]:.1f}", flush=True)
     ours = Latte(input_size=LATENT, num_frames=FRAMES, learn_sigma=True, **SIZE)
     print("ours runs " + ("its fused CPU kernels" if ours.fused_kernels else "plain ops (fused CPU kernels off or "
                           "not built)") + "; LATTE_CPU_KERNELS=0 selects the plain-ops path", flush=True)
-    rng = np.random.default_rng(0)
     for name, param in ours.parameters_dict().items():  # non-zero everywhere, so outputs can be compared
         if "adaLN_modulation" in name or "final_layer.linear" in name:
             param.set_data(ms.Tensor(rng.normal(0, 0.02, param.shape).astype(np.float32)))
     ours.set_train(False)
+    return ours
 
-    results = {"ours": time_steps(ours, args.steps + 2)}
-    try:
-        theirs = mindone_latte(args.mindone_path)
-    except Exception as err:  # noqa: BLE001  (not installed, or an API change in MindONE)
-        theirs = None
-        print(f"MindONE: not measured ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-              f"install it with `pip install --no-deps --target /tmp/mindone mindone==0.5.0` and pass "
-              f"--mindone_path /tmp/mindone", flush=True)
-    if theirs is not None:
-        theirs.set_train(False)
-        left = copy_weights(ours, theirs)
+
+def child(args):
+    """One side in this process: time `steps` denoising steps after 2 warm-up ones; report."""
+    if args.role == "torch":
+        return child_torch(args)
+    from models.runtime import setup_device
+    setup_device("CPU", mode="graph", cpu_threads=args.cpu_threads, seed=0)
+    import mindspore as ms
+
+    rng = np.random.default_rng(0)
+    ours = _ours(rng)
+    net = ours
+    extra = {"fused_kernels": int(bool(ours.fused_kernels))}
+    if args.role == "mindone":
+        net = mindone_latte(args.mindone_path)
+        net.set_train(False)
+        left = copy_weights(ours, net)
         x = ms.Tensor(rng.standard_normal((1, FRAMES, 4, LATENT, LATENT)).astype(np.float32))
         t = ms.Tensor(np.array([500], np.int32))
-        diff = np.abs(ours(x, t).asnumpy() - theirs(x, t).asnumpy()).max()
-        print(f"MindONE's network with our weights ({len(left)} of its parameters not ours: "
-              f"{', '.join(sorted({n.rsplit('.', 1)[-1] for n in left})) or 'none'}): max |difference| of one "
-              f"forward {diff:.2e}", flush=True)
-        results["mindone"] = time_steps(theirs, args.steps + 2)
-
-    medians, cpu_medians = {}, {}
-    for which, (times, cpu) in results.items():
-        medians[which], cpu_medians[which] = float(np.median(times[2:])), float(np.median(cpu[2:]))
-        print(f"{which:8s} {medians[which]:.3f} s per denoising step, {cpu_medians[which]:.3f} CPU-s (median of "
-              f"{len(times) - 2}; steps {', '.join(f'{s:.2f}' for s in times[2:])}; first incl. compile "
-              f"{times[0]:.1f} s)", flush=True)
-    if "mindone" in medians:
-        print(f"speed-up: {medians['mindone'] / medians['ours']:.2f}x wall, "
-              f"{cpu_medians['mindone'] / cpu_medians['ours']:.2f}x CPU time (MindONE / ours)", flush=True)
-    # How close to the hardware: a step is one forward pass (a third of bench_train's training FLOPs).
-    bench_train = _bench_train()
-    flops = bench_train.latte_train_flops(depth=SIZE["depth"], frames=FRAMES, size=LATENT) / 3
-    peak = bench_train.matmul_peak()
-    print(f"one step = {flops / 1e9:.0f} GFLOP of matmuls; fp32 matmul peak here {peak:.0f} GFLOP/s -> "
-          + ", ".join(f"{which} {flops / m / 1e9:.0f} GFLOP/s ({100 * flops / m / 1e9 / peak:.0f}%)"
-                      for which, m in medians.items()), flush=True)
-
-    if not args.skip_full:
+        extra = {"max_diff_vs_ours": float(np.abs(ours(x, t).asnumpy() - net(x, t).asnumpy()).max()),
+                 "params_not_ours": len(left)}
+    times, cpu = time_steps(net, args.steps + 2)
+    out = dict(extra, s_per_step=float(np.median(times[2:])), cpu_s_per_step=float(np.median(cpu[2:])),
+               first_s=times[0])
+    if args.role == "ours" and args.full:
         full_run(ours, "ddim", 2)  # compile outside the timing
-        ddim = full_run(ours, "ddim", 50)
-        print(f"DDIM-50 whole run:  {ddim:7.1f} s", flush=True)
-        ddpm = full_run(ours, "ddpm", 250)
-        print(f"DDPM-250 whole run: {ddpm:7.1f} s  ({ddpm / ddim:.1f}x DDIM-50)", flush=True)
+        out["ddim50_s"] = full_run(ours, "ddim", 50)
+        out["ddpm250_s"] = full_run(ours, "ddpm", 250)
+    if args.role == "ours":
+        out["matmul_peak_gflops"] = _bench_train().matmul_peak()
+    import peer
+    peer.report(out)
+
+
+def child_torch(args):
+    import torch
+    import peer
+    from torch_latte import Latte as TorchLatte
+
+    torch.set_num_threads(args.cpu_threads)
+    torch.manual_seed(0)
+    net = TorchLatte(input_size=LATENT, num_frames=FRAMES, **SIZE).eval()
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)[::4]  # 250 steps (arithmetic only)
+    alphas = torch.cumprod(1 - betas, 0)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas[:-1]])
+    post_var = betas * (1 - prev) / (1 - alphas)
+    c1, c2 = (betas * prev.sqrt() / (1 - alphas)).float(), ((1 - prev) * (1 - betas).sqrt() / (1 - alphas)).float()
+    log_clip = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float()
+    log_beta, ra, rm1 = torch.log(betas).float(), (1 / alphas).sqrt().float(), (1 / alphas - 1).sqrt().float()
+    x = torch.randn(1, FRAMES, 4, LATENT, LATENT)
+    times, cpu = [], []
+    with torch.inference_mode():
+        for i in reversed(range(250 - args.steps - 2, 250)):
+            t0, c0 = time.perf_counter(), time.process_time()
+            eps, v = net(x, torch.tensor([i * 4])).chunk(2, dim=2)
+            frac = (v + 1) / 2
+            log_var = frac * log_beta[i] + (1 - frac) * log_clip[i]
+            mean = c1[i] * (ra[i] * x - rm1[i] * eps) + c2[i] * x
+            x = mean + (0.5 * log_var).exp() * torch.randn_like(x) if i else mean
+            times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+    peer.report({"s_per_step": float(np.median(times[2:])), "cpu_s_per_step": float(np.median(cpu[2:])),
+                 "first_s": times[0], "torch": torch.__version__})
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer_python", default="", help="interpreter with torch (the `bench` extra)")
+    p.add_argument("--mindone_path", default="", help="folder holding the `mindone` package (pip --target)")
+    p.add_argument("--steps", type=int, default=6, help="denoising steps timed per child (after 2 warm-up)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
+    p.add_argument("--cpu_threads", type=int, default=1)
+    p.add_argument("--skip_full", dest="full", action="store_false", help="skip the whole DDIM-50 / DDPM-250 runs")
+    p.add_argument("--role", choices=("ours", "torch", "mindone"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.role:
+        return child(args)
+
+    import peer
+    print(peer.machine_line())
+    print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
+          f"{args.cpu_threads} CPU thread(s), {args.rounds} rounds", flush=True)
+    py, why = peer.peer_python(args.peer_python)
+    if py:
+        check = subprocess.run([py, str(ROOT / "bench" / "check_torch_latte.py")], capture_output=True, text=True)
+        print("torch Latte vs the original's oracle: " + (check.stdout.strip().splitlines() or ["?"])[-1])
+        if check.returncode:
+            py, why = None, "bench/check_torch_latte.py failed: the torch Latte is not the original"
+    print(f"peer: the original Latte on torch ({py})" if py else f"torch peer SKIPPED: {why}")
+    if not args.mindone_path:
+        print("MindONE peer SKIPPED: no --mindone_path")
+    common = ["--steps", str(args.steps), "--cpu_threads", str(args.cpu_threads)]
+    sides = {"ours": [sys.executable, __file__, "--role", "ours"] + common + ([] if args.full else ["--skip_full"]),
+             "torch": [py, __file__, "--role", "torch"] + common if py else None,
+             "mindone": ([sys.executable, __file__, "--role", "mindone", "--mindone_path", args.mindone_path,
+                          "--skip_full"] + common) if args.mindone_path else None}
+    res = peer.alternate(sides, args.rounds)
+    print("== summary (medians over rounds) ==")
+    print(peer.machine_line())
+    for which, rs in res.items():
+        if rs:
+            print(f"{which:8s} {peer.median(rs, 's_per_step'):.3f} s per denoising step, "
+                  f"{peer.median(rs, 'cpu_s_per_step'):.3f} CPU-s, first step (incl. compile) "
+                  f"{peer.median(rs, 'first_s'):.1f} s, peak RSS {peer.median(rs, 'peak_rss_mb'):.0f} MB"
+                  + (f", max |diff| vs ours {rs[0]['max_diff_vs_ours']:.1e} (its RSS includes ours)"
+                     if which == "mindone" else ""))
+    ours = res["ours"]
+    if ours:
+        t_ours = peer.median(ours, "s_per_step")
+        for which in ("torch", "mindone"):
+            if res.get(which):
+                cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
+                print(f"ours vs {which}: {peer.ratio(peer.median(res[which], 's_per_step'), t_ours)} its steps/s "
+                      f"(CPU-s: {cpu}); "
+                      f"peak memory {peer.ratio(peer.median(ours, 'peak_rss_mb'), peer.median(res[which], 'peak_rss_mb'))} its")
+        flops = _bench_train().latte_train_flops(depth=SIZE["depth"], frames=FRAMES, size=LATENT) / 3
+        peak = max(r["matmul_peak_gflops"] for r in ours)
+        print(f"one step = {flops / 1e9:.0f} GFLOP of matmuls; fp32 matmul peak {peak:.0f} GFLOP/s (best of "
+              f"{7 * len(ours)}) -> ours {flops / t_ours / 1e9:.0f} GFLOP/s ({100 * flops / t_ours / 1e9 / peak:.0f}%)")
+        if "ddim50_s" in ours[0]:
+            ddim, ddpm = peer.median(ours, "ddim50_s"), peer.median(ours, "ddpm250_s")
+            print(f"DDIM-50 whole run:  {ddim:7.1f} s\nDDPM-250 whole run: {ddpm:7.1f} s  ({ddpm / ddim:.1f}x DDIM-50)")
 
 
 if __name__ == "__main__":

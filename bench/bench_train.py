@@ -1,7 +1,14 @@
-"""Training-step benchmark: our Latte against MindONE's, side by side, on this CPU.
+"""Training-step benchmark: our Latte against the original PyTorch Latte (and MindONE's), side by side.
 
+    GLOG_v=3 python bench/bench_train.py --peer_python /work/torchenv/bin/python   # ours vs torch
     pip install --no-deps --target /tmp/mindone mindone==0.5.0     # only its model code is used
-    GLOG_v=3 python bench/bench_train.py --mindone_path /tmp/mindone
+    GLOG_v=3 python bench/bench_train.py --mindone_path /tmp/mindone               # + MindONE
+
+The torch peer is bench/torch_latte.py (the original Latte written from the reference and checked
+against its oracle outputs by bench/check_torch_latte.py, which this bench runs first) with the
+original recipe's step (DiT loss, AdamW, clipping, EMA): `torch_latte.TrainStep`. Sides alternate in
+fresh processes, `--rounds` times, same thread count; medians, peak RSS (VmHWM), ratios, the CPU/ISA
+and load average are printed, and "SKIPPED" when a peer is not available.
 
 Both networks are Latte-S/2 on 16x4x32x32 latents, batch 1, fp32, graph mode (`ms.jit`), and both
 train through the SAME step: `models.diffusion` loss (MSE + VB), our AdamW (torch semantics), EMA
@@ -19,9 +26,7 @@ seconds per step (median after warm-up), the ratio, peak RSS, and our achieved G
 measured fp32 matmul peak of this machine (same thread count).
 """
 import argparse
-import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import peer  # noqa: E402
 os.environ.setdefault("GLOG_v", "3")
 
 import numpy as np  # noqa: E402
@@ -143,7 +150,9 @@ def latte_train_flops(depth=12, hidden=384, patch=2, frames=16, size=32, channel
     return 3 * fwd
 
 
-def matmul_peak(n=2048, repeats=5):
+def matmul_peak(n=2048, repeats=7):
+    """Best of `repeats` (a noisy single timing can exceed the real peak's time either way; the
+    bench takes the best over every round too, so the % of peak cannot pass 100 % by noise)."""
     import mindspore as ms
     from mindspore import ops
 
@@ -194,61 +203,107 @@ def run_one(which, args):
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
         losses.append(loss)
-    out = {"which": which, "s_per_step": float(np.median(times)), "times": times, "first_step_s": t_compile,
-           "cpu_s_per_step": float(np.median(cpu_times)), "load_avg": os.getloadavg()[0],
-           "params": int(sum(p.size for p in step.params)), "loss": losses[-1],
-           "network": "fused CPU kernels" if getattr(net, "fused_kernels", False) else "plain ops",
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    out = {"s_per_step": float(np.median(times)), "first_step_s": t_compile,
+           "cpu_s_per_step": float(np.median(cpu_times)),
+           "params": int(sum(p.size for p in step.params)), "loss": float(losses[-1]),
+           "fused_kernels": int(bool(getattr(net, "fused_kernels", False)))}
     if which == "ours" and args.peak:
         out["matmul_peak_gflops"] = matmul_peak()
-    print("RESULT " + json.dumps(out), flush=True)
+    peer.report(out)
+
+
+def run_torch(args):
+    """Peer child: the original Latte-S/2 on torch, same shape, batch, threads and step count."""
+    import torch
+    from torch_latte import Latte as TorchLatte, TrainStep as TorchTrainStep
+
+    torch.set_num_threads(args.cpu_threads)
+    torch.manual_seed(0)
+    net = TorchLatte(input_size=SHAPE["size"], num_frames=SHAPE["num_frames"], depth=args.depth)
+    step = TorchTrainStep(net)
+    rng = np.random.default_rng(0)
+    shape = (SHAPE["batch"], SHAPE["num_frames"], SHAPE["channels"], SHAPE["size"], SHAPE["size"])
+    times, cpu_times = [], []
+    t_first = time.perf_counter()
+    for i in range(args.warmup + args.steps):
+        x0 = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        noise = torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+        t = torch.from_numpy(rng.integers(0, 1000, SHAPE["batch"]))
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step(x0, t, noise)
+        if i == 0:
+            t_first = time.perf_counter() - t_first
+        elif i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
+    peer.report({"s_per_step": float(np.median(times)), "first_step_s": t_first,
+                 "cpu_s_per_step": float(np.median(cpu_times)),
+                 "params": int(sum(p.numel() for p in net.parameters())), "loss": loss})
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--peer_python", default="", help="interpreter with torch (the `bench` extra)")
     p.add_argument("--mindone_path", default="", help="folder holding the `mindone` package (pip --target)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per model")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per child")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
+    p.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
     p.add_argument("--cpu_threads", type=int, default=1)
     p.add_argument("--depth", type=int, default=12,
-                   help="blocks of both networks (12 is Latte-S/2; fewer only where memory is short)")
-    p.add_argument("--only", choices=("ours", "mindone"), help=argparse.SUPPRESS)
+                   help="blocks of every network (12 is Latte-S/2; fewer only where memory is short)")
+    p.add_argument("--only", choices=("ours", "mindone", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--no_peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     args = p.parse_args()
+    if args.only == "torch":
+        return run_torch(args)
     if args.only:
         return run_one(args.only, args)
 
-    results = {}
-    for which in ("ours", "mindone"):
-        cmd = [sys.executable, __file__, "--only", which, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--cpu_threads", str(args.cpu_threads), "--mindone_path", args.mindone_path, "--depth", str(args.depth)]
-        if not args.peak:
-            cmd.append("--no_peak")
-        run = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
-        if run.returncode or not lines:
-            print(f"{which}: failed\n{run.stderr[-3000:]}", file=sys.stderr)
+    print(peer.machine_line())
+    py, why = peer.peer_python(args.peer_python)
+    if py:
+        check = subprocess.run([py, str(ROOT / "bench" / "check_torch_latte.py")], capture_output=True, text=True)
+        print("torch Latte vs the original's oracle: " + (check.stdout.strip().splitlines() or ["?"])[-1])
+        if check.returncode:
+            py, why = None, "bench/check_torch_latte.py failed: the torch Latte is not the original"
+    print(f"peer: the original Latte on torch ({py})" if py else f"torch peer SKIPPED: {why}")
+    if not args.mindone_path:
+        print("MindONE peer SKIPPED: no --mindone_path")
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--cpu_threads", str(args.cpu_threads),
+              "--depth", str(args.depth)]
+    sides = {"ours": [sys.executable, __file__, "--only", "ours"] + common + ([] if args.peak else ["--no_peak"]),
+             "torch": [py, __file__, "--only", "torch"] + common if py else None,
+             "mindone": ([sys.executable, __file__, "--only", "mindone", "--mindone_path", args.mindone_path]
+                         + common) if args.mindone_path else None}
+    print(f"Latte-S/2 depth {args.depth}, 16x4x32x32 latents, batch 1, fp32, {args.cpu_threads} thread(s), "
+          f"{args.rounds} rounds of {args.warmup} warm-up + {args.steps} timed steps per child")
+    res = peer.alternate(sides, args.rounds)
+    print("== summary (medians over rounds) ==")
+    print(peer.machine_line())
+    ours = res["ours"]
+    for which, rs in res.items():
+        if not rs:
             continue
-        results[which] = json.loads(lines[-1][len("RESULT "):])
-        r = results[which]
-        print(f"{which:8s} {r['s_per_step']:.3f} s/step (steps {', '.join(f'{t:.2f}' for t in r['times'])}; "
-              f"first step incl. compile {r['first_step_s']:.1f} s), {r['cpu_s_per_step']:.2f} CPU-s/step, "
-              f"peak RSS {r['peak_rss_gb']:.2f} GB, {r['params'] / 1e6:.2f} M params, "
-              f"load average {r['load_avg']:.1f}" + (f", {r['network']}" if which == "ours" else ""), flush=True)
-
-    ours = results.get("ours")
+        print(f"{which:8s} {peer.median(rs, 's_per_step'):.3f} s/step, {peer.median(rs, 'cpu_s_per_step'):.2f} "
+              f"CPU-s/step, first step (incl. compile) {peer.median(rs, 'first_step_s'):.1f} s, peak RSS "
+              f"{peer.median(rs, 'peak_rss_mb') / 1024:.2f} GB, {rs[0]['params'] / 1e6:.2f} M params"
+              + (", fused CPU kernels" if which == "ours" and rs[0].get("fused_kernels") else ""))
     if ours:
+        t_ours = peer.median(ours, "s_per_step")
         flops = latte_train_flops(depth=args.depth)
-        achieved = flops / ours["s_per_step"] / 1e9
+        achieved = flops / t_ours / 1e9
         line = f"ours: {flops / 1e9:.1f} GFLOP per step -> {achieved:.1f} GFLOP/s"
-        if "matmul_peak_gflops" in ours:
-            line += f" = {100 * achieved / ours['matmul_peak_gflops']:.0f}% of the measured fp32 matmul peak " \
-                    f"({ours['matmul_peak_gflops']:.0f} GFLOP/s, {args.cpu_threads} thread(s))"
+        peaks = [r["matmul_peak_gflops"] for r in ours if "matmul_peak_gflops" in r]
+        if peaks:
+            line += (f" = {100 * achieved / max(peaks):.0f}% of the fp32 matmul peak ({max(peaks):.0f} GFLOP/s, "
+                     f"best of {7 * len(peaks)} timings, {args.cpu_threads} thread(s))")
         print(line)
-    if ours and "mindone" in results:
-        m = results["mindone"]
-        print(f"speed-up: {m['s_per_step'] / ours['s_per_step']:.2f}x MindONE's steps per second; "
-              f"peak memory {ours['peak_rss_gb']:.2f} GB vs {m['peak_rss_gb']:.2f} GB")
+        for which in ("torch", "mindone"):
+            if res.get(which):
+                t, m = peer.median(res[which], "s_per_step"), peer.median(res[which], "peak_rss_mb")
+                cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
+                print(f"ours vs {which}: {peer.ratio(t, t_ours)} its steps/s (CPU-s: {cpu}); peak memory "
+                      f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ and `bias` (O,), so a checkpoint loads into either.
 On CPU in float32, when the fused kernels of `models/cpu_kernels.py` can be built, the im2col is one
 C++ pass that writes the matrix (the slices and concats above cost as much as the matmul: 0.9 of
 2.8 s for two 256 px frames through the sd-vae encoder), and GroupNorm (+ the SiLU after it) is one
-kernel with an exact backward. `cpu_kernels=False` on a layer keeps the plain path.
+kernel with an exact backward. `fused_kernels=False` on a layer keeps the plain path.
 """
 import math
 
@@ -28,6 +28,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import HeUniform, Uniform, initializer
 
+from models import conv_select
 from models import cpu_kernels as kernels
 from models.runtime import device_target
 
@@ -43,9 +44,9 @@ def resolve_conv_impl(conv_impl):
     return conv_impl
 
 
-def _use_kernels(cpu_kernels):
-    """The fused CPU kernels: on CPU when built, unless a layer says cpu_kernels=False."""
-    return cpu_kernels is not False and device_target() == "CPU" and kernels.available()
+def _fused_kernels_apply(fused_kernels):
+    """The fused CPU kernels: on CPU when built, unless a layer says fused_kernels=False."""
+    return fused_kernels is not False and device_target() == "CPU" and kernels.available()
 
 
 def _flat_rows(x, gap, front, back):
@@ -118,7 +119,7 @@ class Conv2d(nn.Cell):
     Downsample2D (zero pad 1 at the bottom and right, then a valid 3x3 conv)."""
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, impl="auto",
-                 dtype=ms.float32, cpu_kernels=None):
+                 dtype=ms.float32, fused_kernels=None):
         super().__init__()
         if stride == 2 and (padding != "down" or kernel_size != 3):
             raise ValueError(f"Conv2d stride 2 supports only kernel_size=3, padding='down' "
@@ -139,9 +140,12 @@ class Conv2d(nn.Cell):
                               name="bias")
         # the fused im2col covers the two layouts the VAE uses: "same" 3x3 and the stride-2 downsample
         fits = stride == 2 or (kernel_size > 1 and kernel_size % 2 == 1 and padding == kernel_size // 2)
-        self.fused = (self.impl == "matmul" and dtype == ms.float32 and fits and _use_kernels(cpu_kernels))
-        if self.fused:
+        self.fused_kernels = (self.impl == "matmul" and dtype == ms.float32 and fits and _fused_kernels_apply(fused_kernels))
+        if self.fused_kernels:
             self.im2col = kernels.Im2Col(kernel_size, down=stride == 2)
+        self.selected = conv_select.applies(kernel_size, stride, padding, self.fused_kernels)
+        if self.selected:  # 3x3 stride 1: im2col, Winograd or native, measured per machine and shape
+            self.select = conv_select.SelectedConv()
 
     def construct(self, x):
         if self.stride == 2 and (x.shape[2] % 2 or x.shape[3] % 2):
@@ -158,7 +162,9 @@ class Conv2d(nn.Cell):
             else:
                 y = ops.conv2d(x, w, None, 1, "valid", 0)
             return ops.bias_add(y, b)
-        if self.fused:
+        if self.selected:
+            return self.select(x, w, b)
+        if self.fused_kernels:
             n, c, h, wd = x.shape
             cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))  # (N, k*k*C + 1, Ho, Wo)
             rows, ho, wo = cols.shape[1], cols.shape[2], cols.shape[3]
@@ -185,27 +191,27 @@ class GroupNorm(nn.Cell):
     On CPU in float32 the fused kernel (`models/cpu_kernels.py`) does the same in two passes.
     """
 
-    def __init__(self, num_groups, num_channels, eps=1e-6, cpu_kernels=None):
+    def __init__(self, num_groups, num_channels, eps=1e-6, fused_kernels=None):
         super().__init__()
         if num_channels % num_groups:
             raise ValueError(f"GroupNorm: {num_channels} channels are not divisible by {num_groups} groups")
         self.groups, self.channels, self.eps = num_groups, num_channels, eps
         self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
         self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
-        self.fused = eps == 1e-6 and _use_kernels(cpu_kernels)  # the kernel's eps is fixed
+        self.fused_kernels = eps == 1e-6 and _fused_kernels_apply(fused_kernels)  # the kernel's eps is fixed
         self.plain = _GroupNormOps(num_groups, eps)
-        if self.fused:
+        if self.fused_kernels:
             self.kernel = kernels.GroupNormAct(silu=False)
             self.kernel_silu = kernels.GroupNormAct(silu=True)
 
     def then_silu(self, x):
         """silu(self(x)), in one kernel where the fused path applies."""
-        if self.fused and x.dtype == ms.float32:
+        if self.fused_kernels and x.dtype == ms.float32:
             return self.kernel_silu(x, self.weight, self.bias, ops.zeros((x.shape[0], self.groups), ms.float32))
         return silu(self.construct(x))  # construct, not self(): a Cell cannot call itself in graph mode
 
     def construct(self, x):
-        if self.fused and x.dtype == ms.float32:
+        if self.fused_kernels and x.dtype == ms.float32:
             return self.kernel(x, self.weight, self.bias, ops.zeros((x.shape[0], self.groups), ms.float32))
         if x.dtype != ms.float32:
             return self.plain(x.astype(ms.float32), self.weight, self.bias).astype(x.dtype)

@@ -243,8 +243,8 @@ def test_fused_im2col_convolution_equals_plain(stride, padding):
     from models.vae_layers import Conv2d
 
     fused = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul")
-    plain = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul", cpu_kernels=False)
-    assert fused.fused and not plain.fused
+    plain = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul", fused_kernels=False)
+    assert fused.fused_kernels and not plain.fused_kernels
     plain.weight.set_data(fused.weight.data.copy())
     plain.bias.set_data(fused.bias.data.copy())
     x = rand(2, 5, 6, 8)
@@ -270,8 +270,8 @@ def _reference_group_norm(x, groups, gamma, beta, eps=1e-6):
 def test_group_norm_and_silu_have_the_exact_gradient(then_silu, fused):
     from models.vae_layers import GroupNorm
 
-    norm = GroupNorm(4, 8, cpu_kernels=None if fused else False)
-    assert norm.fused == fused
+    norm = GroupNorm(4, 8, fused_kernels=None if fused else False)
+    assert norm.fused_kernels == fused
     gamma, beta = rand(8, seed=1), rand(8, seed=2)
     norm.weight.set_data(gamma)
     norm.bias.set_data(beta)
@@ -301,7 +301,7 @@ def test_fused_vae_encode_and_decode_equal_plain(monkeypatch):
     fused = AutoencoderKL(**config)
     monkeypatch.setenv("LATTE_CPU_KERNELS", "0")
     plain = AutoencoderKL(**config)
-    assert fused.encoder.conv_in.fused and not plain.encoder.conv_in.fused
+    assert fused.encoder.conv_in.fused_kernels and not plain.encoder.conv_in.fused_kernels
     for (name, p), (name_p, pp) in zip(fused.parameters_and_names(), plain.parameters_and_names()):
         assert name == name_p
         pp.set_data(p.data.copy())

@@ -1,0 +1,110 @@
+"""What every bench shares: the machine line, the PyTorch peer's interpreter, child processes that
+report one JSON line, alternating ours / peer rounds, medians and ratios.
+
+The peer (torch, diffusers: the `bench` extra) usually lives in a separate environment from
+MindSpore: `--peer_python PATH` names its interpreter; without it the bench's own interpreter is
+used when it can import torch, and otherwise the peer is skipped, which the bench says plainly.
+Each measurement is a fresh process with the same thread count, ours first then the peer, repeated
+`rounds` times, so that a busy host (load average printed) slows both sides alike; figures are
+medians over rounds, and peak memory is the child's VmHWM (peak resident set).
+"""
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line():
+    from models.cpu_features import isa_summary
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return f"CPU: {cpu_model()}, {os.cpu_count()} vCPUs, {isa_summary()}; load average {load}"
+
+
+def vmhwm_mb():
+    """Peak resident set of this process (VmHWM), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def report(result):
+    """Child side: print the one RESULT line the parent reads (peak RSS and load added here)."""
+    result = dict(result, peak_rss_mb=vmhwm_mb(), load_avg=os.getloadavg()[0])
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def peer_python(path):
+    """The interpreter that runs the torch peer, or (None, reason) when there is none."""
+    if path:
+        if not Path(path).exists():
+            return None, f"--peer_python {path} does not exist"
+        probe = subprocess.run([path, "-c", "import torch, diffusers"], capture_output=True, text=True)
+        if probe.returncode:
+            last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+            return None, f"{path} cannot import torch + diffusers ({last})"
+        return path, ""
+    probe = subprocess.run([sys.executable, "-c", "import torch, diffusers"], capture_output=True)
+    if probe.returncode == 0:
+        return sys.executable, ""
+    return None, ("torch/diffusers not importable here; install the `bench` extra "
+                  "(pip install -e .[bench]) or pass --peer_python PATH")
+
+
+def run_child(cmd, env=None):
+    """Run one child; return its RESULT dict, or None (its stderr tail printed) when it failed."""
+    run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    if run.returncode or not lines:
+        print(f"  child failed (exit {run.returncode}): {' '.join(cmd[:3])} ...\n{run.stderr[-2000:]}", file=sys.stderr)
+        return None
+    for line in run.stderr.splitlines():
+        if line.startswith("conv_select:"):
+            print("  " + line)
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def alternate(sides, rounds):
+    """sides: {name: argv, (argv, extra env) or None}. Runs each side once per round, in order;
+    returns {name: [results]}."""
+    results = {name: [] for name in sides}
+    for r in range(rounds):
+        for name, spec in sides.items():
+            if spec is None:
+                continue
+            cmd, env = spec if isinstance(spec, tuple) else (spec, None)
+            res = run_child(cmd, env)
+            if res is not None:
+                results[name].append(res)
+                print(f"  round {r + 1}/{rounds} {name}: " + ", ".join(
+                    f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, (int, float))), flush=True)
+    return results
+
+
+def median(results, key):
+    values = [r[key] for r in results if key in r]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a, b):
+    """a / b with two significant decimals whatever the size (never '0x' for ratios under 1)."""
+    if not b or b != b or a != a:
+        return "n/a"
+    return f"{a / b:.2f}x"
