@@ -15,9 +15,9 @@ import pytest
 
 import cache_store
 from ingest import cli, pipeline, reader_thread, vae_setup
-from ingest.reader_thread import Batch, Begin, End
+from ingest.reader_thread import Batch, Begin, End, Fail, Row
 from ingest.readers import read_frames
-from ingest.sources import discover_entries
+from ingest.sources import EntryError, discover_entries
 from ingest.synthetic import make_bad_inputs, make_sky_dataset
 from models.runtime import setup_device
 
@@ -357,6 +357,24 @@ def test_videos_are_read_in_chunks_that_equal_one_sequential_read(sky, monkeypat
     assert [type(i) for i in items] == [Begin] + [Batch] * 3 + [End] and items[0].frames == 12
     got = np.concatenate([b.x[:b.n] for b in items[1:-1]])
     np.testing.assert_array_equal(got, read_frames(video, range(0, 24, 2), 32))
+
+
+def test_reader_events_name_what_the_loop_records(sky, monkeypatch):
+    # each event carries its fields by name: the loop records a failure's reason and source frames,
+    # and a too-short entry's status, from these fields (not from positions in a tuple)
+    entries = discover_entries(sky[0])[:2]
+
+    def probe_fails_for_the_first(entry, size):
+        if entry.id == entries[0].id:
+            raise EntryError(f"{entry.path}: cannot open (test)")
+        return 3, (48, 64), []
+
+    monkeypatch.setattr(reader_thread, "probe", probe_fails_for_the_first)
+    fail, row = list(reader_thread.Prefetcher(entries, batch_size=4, image_size=8, min_frames=5))
+    assert isinstance(fail, Fail) and fail.entry == entries[0] and fail.source_frames == -1
+    assert fail.reason.endswith("cannot open (test)")
+    assert isinstance(row, Row) and row.entry == entries[1] and row.status == "skipped"
+    assert row.source_frames == 3 and row.reason.startswith("only 3 frames (stride 1)")
 
 
 # ---------------------------------------------------------------- crashes, Ctrl-C, scale-out
