@@ -23,7 +23,7 @@ from models.config import ConfigError  # noqa: E402  (light: yaml only)
 # name -> (module with main(argv) -> exit code, one-line summary)
 SUBCOMMANDS = {
     "convert": ("models.convert", "convert PyTorch Latte / VAE weights (.pt, .bin, .safetensors) to MindSpore"),
-    "ingest": ("ingest.pipeline", "encode frame folders / videos with the SD VAE into a resumable latent cache"),
+    "ingest": ("ingest.cli", "encode frame folders / videos with the SD VAE into a resumable latent cache"),
     "cache": ("cache_store.cli", "inspect (info, stats, preview) or check (verify) a latent cache"),
     "train": ("trainer.train", "train Latte on a latent cache or raw videos (resumable, data parallel)"),
     "sample": ("sampler.sample", "sample videos from a trained Latte: GIF, MP4 and a PNG grid of first frames"),

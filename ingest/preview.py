@@ -114,7 +114,7 @@ def source_entry(row, frame_stride):
 
 def check_vae(store, path):
     """The VAE config of the store, after checking `path` is the VAE it was made with (one line if not)."""
-    from ingest.pipeline import sha256_file
+    from ingest.vae_setup import sha256_file
 
     if not os.path.isfile(path):
         raise ValueError(f"vae_weights {path} not found: check the path")

@@ -4,7 +4,7 @@
     z = sample_latents(net, diffusion, num_samples, seed, ...)    # (N, F, C, h, w), reproducible per sample
     videos = decode_latents(vae, z, scale_factor)                 # uint8 (N, F, H, W, 3)
 
-`sampler.video_io` writes GIF (Pillow), MP4 (PyAV) and PNG grids. MindSpore is imported on first use.
+`models.video_io` writes the GIF (Pillow), MP4 (PyAV) and PNG grids. MindSpore is imported on first use.
 """
 from sampler.sample import (SampleConfig, decode_latents, load_latte, load_vae, main, sample,
                             sample_latents, write_videos)

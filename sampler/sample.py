@@ -309,7 +309,7 @@ def decode_latents(vae, latents, scale_factor, micro_batch=8):
     through the decoder `micro_batch` at a time, so memory is bounded whatever N and F."""
     from mindspore import Tensor
 
-    from sampler.video_io import to_uint8
+    from models.video_io import to_uint8
 
     videos = []
     for z in latents:
@@ -334,7 +334,7 @@ def make_run_folder(root):
 
 def write_videos(folder, videos, fps, save_gif=True, save_mp4=True):
     """GIF/MP4 per video and grid.png of first frames; returns the written paths and any notes."""
-    from sampler import video_io
+    from models import video_io
 
     written, notes = [], []
     if save_mp4 and not video_io.mp4_available():

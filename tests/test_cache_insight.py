@@ -15,7 +15,7 @@ import pytest
 import cache_store
 import latte_cli
 from cache_store.stats import compute_stats, recorded_stats
-from ingest import cache_stats, pipeline, preview
+from ingest import cache_stats, cli, pipeline, preview
 from ingest.sources import apply_labels, discover_entries, read_label_csv
 from ingest.synthetic import make_sky_dataset
 from models.config import ConfigError, build_config
@@ -28,7 +28,7 @@ CLASSES = ("clouds", "dusk")
 
 
 def ingest(data, cache, *more):
-    cfg = pipeline.parse_args(["-c", str(ROOT / "demo" / "ingest.yaml"), "--data_folder", str(data),
+    cfg = cli.parse_args(["-c", str(ROOT / "demo" / "ingest.yaml"), "--data_folder", str(data),
                                "--cache_folder", str(cache), "--vae_weights", str(VAE), "--image_size", "32",
                                "--micro_batch", "8", "--mode", "pynative", "--progress", "false", *more])
     return pipeline.run_ingest(cfg, environ={})

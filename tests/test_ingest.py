@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import cache_store
-from ingest import pipeline
+from ingest import cli, pipeline, reader_thread, vae_setup
+from ingest.reader_thread import Batch, Begin, End, Fail, Row
 from ingest.readers import read_frames
-from ingest.sources import discover_entries
+from ingest.sources import EntryError, discover_entries
 from ingest.synthetic import make_bad_inputs, make_sky_dataset
 from conftest import assert_f32_close
 from models.runtime import setup_device
@@ -31,7 +32,7 @@ COMPARED = ("status", "reason", "num_frames", "checksum", "source", "kind", "sou
 
 
 def config(data, cache, *more):
-    return pipeline.parse_args([*BASE, "--data_folder", str(data), "--cache_folder", str(cache), *more])
+    return cli.parse_args([*BASE, "--data_folder", str(data), "--cache_folder", str(cache), *more])
 
 
 def ingest(data, cache, *more):
@@ -106,7 +107,7 @@ def latte_ingest(data, cache, env, *more, kill=None, **popen):
 @pytest.fixture
 def restore_pynative():
     yield
-    setup_device("CPU", mode="pynative", cpu_threads=1)  # pipeline.main set graph mode
+    setup_device("CPU", mode="pynative", cpu_threads=1)  # cli.main set graph mode
 
 
 # ---------------------------------------------------------------- what gets stored
@@ -157,7 +158,7 @@ def test_weights_file_sha256_is_recorded_and_its_metadata_gives_the_vae_shape(sk
     # the yaml's vae_* shape is ignored: the file says what it holds
     cfg = config(sky[0], tmp_path / "x", "--vae_weights", str(weights), "--vae_block_out_channels", "8,16")
     assert pipeline.describe_vae(cfg) == (pipeline.describe_vae(config(sky[0], tmp_path))[0],
-                                          pipeline.sha256_file(weights))
+                                          vae_setup.sha256_file(weights))
 
 
 def test_mindrecord_format_end_to_end_equals_zarr(sky, reference, tmp_path):
@@ -227,12 +228,12 @@ def test_ingesting_into_a_cache_made_with_other_settings_is_a_one_line_error(sky
                                                                              restore_pynative):
     argv = [*BASE, "--data_folder", str(sky[0]), "--cache_folder", str(reference[0])]
     before = snapshot(reference[0])
-    assert pipeline.main([*argv, "--dtype", "float32"]) == 2
+    assert cli.main([*argv, "--dtype", "float32"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "different settings" in err and "dtype: stored 'float16', requested 'float32'" in err
-    assert pipeline.main([*argv, "--random_vae_seed", "1"]) == 2
+    assert cli.main([*argv, "--random_vae_seed", "1"]) == 2
     assert "vae_sha256: stored 'random-seed-0', requested 'random-seed-1'" in capsys.readouterr().err
-    assert pipeline.main([*argv, "--format", "mindrecord"]) == 2
+    assert cli.main([*argv, "--format", "mindrecord"]) == 2
     assert "holds a zarr cache" in capsys.readouterr().err
     assert snapshot(reference[0]) == before
 
@@ -313,7 +314,7 @@ def test_msrun_environment_gives_the_shard_and_its_scheduler_does_nothing(sky, t
     assert pipeline.resolve_shards(explicit, {"RANK_ID": "0", "RANK_SIZE": "8"})[:2] == (2, 1)
     os.environ["MS_ROLE"] = "MS_SCHED"
     try:
-        assert pipeline.main([*BASE, "--data_folder", str(sky[0]), "--cache_folder", str(tmp_path / "c")]) == 0
+        assert cli.main([*BASE, "--data_folder", str(sky[0]), "--cache_folder", str(tmp_path / "c")]) == 0
     finally:
         del os.environ["MS_ROLE"]
     assert "scheduler" in capsys.readouterr().out and not (tmp_path / "c").exists()
@@ -331,31 +332,50 @@ def test_reader_thread_runs_ahead_by_a_bounded_number_of_batches(sky, monkeypatc
             produced.append(k)
             yield np.zeros((3 if k == 49 else batch_size, 3, image_size, image_size), np.float32)
 
-    monkeypatch.setattr(pipeline, "iter_frame_batches", fake_batches)
-    monkeypatch.setattr(pipeline, "probe", lambda entry, size: (50 * 4 - 1, (48, 64), []))
+    monkeypatch.setattr(reader_thread, "iter_frame_batches", fake_batches)
+    monkeypatch.setattr(reader_thread, "probe", lambda entry, size: (50 * 4 - 1, (48, 64), []))
     entry = discover_entries(sky[0])[0]
-    reader = pipeline.Prefetcher([entry], batch_size=4, image_size=8, depth=3)
+    reader = reader_thread.Prefetcher([entry], batch_size=4, image_size=8, depth=3)
     items = iter(reader)
-    assert next(items)[0] == "begin"
+    assert isinstance(next(items), Begin)
     lead = []
     for k in range(50):
-        kind, _, x, n = next(items)
-        assert kind == "batch" and x.shape == (4, 3, 8, 8) and n == (3 if k == 49 else 4)  # padded to 4
+        batch = next(items)
+        assert isinstance(batch, Batch) and batch.x.shape == (4, 3, 8, 8)
+        assert batch.n == (3 if k == 49 else 4)  # padded to 4
         time.sleep(0.01)
         lead.append(len(produced) - (k + 1))
-    assert next(items)[0] == "end"
+    assert isinstance(next(items), End)
     reader.close()
     assert threads == {"ingest-reader"} and max(lead) <= 3 + 1
 
 
 def test_videos_are_read_in_chunks_that_equal_one_sequential_read(sky, monkeypatch):
     # decord decodes ahead of a slow consumer without bound, so the reader reopens a video per chunk
-    monkeypatch.setattr(pipeline, "VIDEO_CHUNK_FRAMES", 8)
+    monkeypatch.setattr(reader_thread, "VIDEO_CHUNK_FRAMES", 8)
     (video,) = [e for e in discover_entries(sky[0]) if e.kind == "video"]
-    items = list(pipeline.Prefetcher([video], batch_size=4, image_size=32, stride=2))  # chunks of 8 + 4
-    assert [i[0] for i in items] == ["begin"] + ["batch"] * 3 + ["end"] and items[0][2] == 12
-    got = np.concatenate([x[:n] for kind, _, x, n in items[1:-1]])
+    items = list(reader_thread.Prefetcher([video], batch_size=4, image_size=32, stride=2))  # chunks of 8 + 4
+    assert [type(i) for i in items] == [Begin] + [Batch] * 3 + [End] and items[0].frames == 12
+    got = np.concatenate([b.x[:b.n] for b in items[1:-1]])
     np.testing.assert_array_equal(got, read_frames(video, range(0, 24, 2), 32))
+
+
+def test_reader_events_name_what_the_loop_records(sky, monkeypatch):
+    # each event carries its fields by name: the loop records a failure's reason and source frames,
+    # and a too-short entry's status, from these fields (not from positions in a tuple)
+    entries = discover_entries(sky[0])[:2]
+
+    def probe_fails_for_the_first(entry, size):
+        if entry.id == entries[0].id:
+            raise EntryError(f"{entry.path}: cannot open (test)")
+        return 3, (48, 64), []
+
+    monkeypatch.setattr(reader_thread, "probe", probe_fails_for_the_first)
+    fail, row = list(reader_thread.Prefetcher(entries, batch_size=4, image_size=8, min_frames=5))
+    assert isinstance(fail, Fail) and fail.entry == entries[0] and fail.source_frames == -1
+    assert fail.reason.endswith("cannot open (test)")
+    assert isinstance(row, Row) and row.entry == entries[1] and row.status == "skipped"
+    assert row.source_frames == 3 and row.reason.startswith("only 3 frames (stride 1)")
 
 
 # ---------------------------------------------------------------- crashes, Ctrl-C, scale-out
@@ -465,7 +485,7 @@ def test_a_shard_another_process_is_writing_is_a_one_line_error_before_the_vae_l
     monkeypatch.setattr(pipeline, "build_vae", no_vae)
     argv = [*BASE, "--data_folder", str(sky[0]), "--cache_folder", str(cache), "--retry_failed"]
     with cache_store.open(cache).writer(0, 1):  # holds the shard's lock as another process would
-        assert pipeline.main(argv) == 2
+        assert cli.main(argv) == 2
     out, err = capsys.readouterr()
     assert err.startswith("latte ingest: error:") and err.count("\n") == 1, err
     assert "another process is writing shard 00000-of-00001" in err and "Saving Attempts" not in out

@@ -358,12 +358,61 @@ def test_resume_refuses_a_changed_global_batch_unless_allowed_and_neutral_keys_p
     assert [s for s, _ in ckpt.list_checkpoints(run)][0] == 4
 
 
+@pytest.mark.filterwarnings("ignore:.*deprecated - use:DeprecationWarning")  # matplotlib 3.9 vs new pyparsing
 def test_loss_curve_png(tmp_path):
     records = [{"step": s, "loss": 1.0 / (1 + s / 50)} for s in range(1, 200)] + [{"step": 100, "val_loss": 0.7}]
     path = str(tmp_path / "loss.png")
     assert plot_losses(records, path)
     from PIL import Image
     assert Image.open(path).size == (900, 540)
+    assert not plot_losses([{"step": 1, "grad_norm": 1.0}], str(tmp_path / "none.png"))  # nothing to draw yet
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_loss_curve_png_needs_no_display(tmp_path):
+    # a training node has no display: with DISPLAY unset and an interactive backend requested, pyplot
+    # would fail to import; the curve must still come out as a valid PNG of the requested size
+    env = {k: v for k, v in ENV.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    env["MPLBACKEND"] = "TkAgg"
+    script = (
+        "import sys\n"
+        "from trainer.logs import plot_losses\n"
+        "records = [{'step': s, 'loss': 1 / (1 + s)} for s in range(1, 300)] + [{'step': 150, 'val_loss': 0.02}]\n"
+        "assert plot_losses(records, sys.argv[1], size=(640, 360))\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n")
+    path = tmp_path / "loss.png"
+    proc = subprocess.run([sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        img.verify()  # a torn or truncated file fails here
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size == (640, 360)
+    assert [p.name for p in tmp_path.iterdir()] == ["loss.png"]  # the temporary file was renamed, not left
+
+
+@pytest.mark.filterwarnings("ignore:.*deprecated - use:DeprecationWarning")  # matplotlib 3.9 vs new pyparsing
+def test_loss_curve_ticks_are_round_steps_on_a_log_loss_axis():
+    from trainer.logs import loss_figure
+
+    records = [{"step": s, "loss": 1.0 / (1 + s / 50)} for s in range(5, 804)]
+    records += [{"step": s, "val_loss": 0.5 / (1 + s / 50)} for s in range(100, 804, 100)]
+    fig = loss_figure(records)
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    lo, hi = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 4
+    # 1, 2 or 5 times a power of ten apart (0, 200, 400, ...), not the old 5, 404, 803
+    gap = ticks[1] - ticks[0]
+    assert gap / 10 ** math.floor(math.log10(gap)) in (1, 2, 5) and all(t % gap == 0 for t in ticks), ticks
+    assert ax.get_yscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "train loss", "train loss, moving mean of 15 logs", "validation loss"]
+    train_only = loss_figure([r for r in records if "loss" in r])
+    assert "validation loss" not in [t.get_text() for t in train_only.axes[0].get_legend().get_texts()]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,15 +4,16 @@
 "step_time", "samples_per_s", ...}`) and one per validation (`{"step", "val_loss"}`). On resume the
 lines past the checkpoint's step are cut, so the log reads as one uninterrupted run.
 
-The curve is drawn with Pillow (matplotlib is not a dependency): log-scale loss against step, the
-training loss as a faint line with its moving average on top, validation points in orange.
+The curve is drawn with matplotlib: loss against step on a log scale (a diffusion loss falls fast and
+then creeps, which a linear axis flattens), the training loss as a faint line with its moving average
+on top, validation points in orange. The figure is rendered by the Agg canvas directly, without
+pyplot: no display is needed and no process-wide backend is switched under the caller.
 """
 import json
 import math
 import os
 
 import numpy as np
-from PIL import Image, ImageDraw
 
 LOG_NAME, PLOT_NAME = "log.jsonl", "loss.png"
 
@@ -55,65 +56,60 @@ def read_log(path):
     return out
 
 
-def _ticks(lo, hi):
-    """Log-scale tick values between lo and hi: decades, else 1-2-5, else 1..9 steps (at least 3)."""
-    for mantissas in ((1,), (1, 2, 5), tuple(range(1, 10))):
-        ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
-                 for m in mantissas if lo <= m * 10.0 ** e <= hi]
-        if len(ticks) >= 3:
-            return ticks
-    return ticks or [lo, hi]
-
-
 def plot_losses(records, path, title="Latte training loss", size=(900, 540)):
-    """Draw train (and validation) loss against step to a PNG; returns False when there is nothing
-    to draw yet."""
+    """Draw train (and validation) loss against step to a PNG of `size` pixels; returns False when
+    there is nothing to draw yet. The file is replaced atomically (a reader never sees half a PNG)."""
+    fig = loss_figure(records, title, size)
+    if fig is None:
+        return False
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=fig.dpi, format="png")
+    os.replace(tmp, path)
+    return True
+
+
+def loss_figure(records, title="Latte training loss", size=(900, 540), dpi=100):
+    """The matplotlib Figure of `plot_losses` (on an Agg canvas), or None when there is nothing to draw."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
     train = [(r["step"], r["loss"]) for r in records if "loss" in r and r["loss"] > 0 and math.isfinite(r["loss"])]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and r["val_loss"] > 0]
     if not train and not val:
-        return False
-    steps = [s for s, _ in train + val]
-    values = [v for _, v in train + val]
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(values) * 0.9, max(values) * 1.1
-    w, h = size
-    left, right, top, bottom = 80, 20, 40, 50
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-
-    def px(step, value):
-        u = (step - x0) / (x1 - x0)
-        v = (math.log(value) - math.log(y0)) / (math.log(y1) - math.log(y0))
-        return left + u * (w - left - right), h - bottom - v * (h - top - bottom)
-
-    draw.rectangle([left, top, w - right, h - bottom], outline="black")
-    for v in _ticks(y0, y1):
-        _, y = px(x0, v)
-        draw.line([left - 5, y, w - right, y], fill=(225, 225, 225))
-        draw.line([left - 5, y, left, y], fill="black")
-        draw.text((5, y - 6), f"{v:.3g}", fill="black")
-    for k in range(6):
-        step = x0 + (x1 - x0) * k / 5
-        x, _ = px(step, y0)
-        draw.line([x, h - bottom, x, h - bottom + 5], fill="black")
-        draw.text((x - 15, h - bottom + 8), f"{int(round(step))}", fill="black")
-    draw.text((w // 2 - 20, h - 20), "step", fill="black")
-    draw.text((left, 12), title + " (log scale)", fill="black")
-
-    if len(train) > 1:
-        draw.line([px(s, v) for s, v in train], fill=(170, 190, 230), width=1)
+        return None
+    fig = Figure(figsize=(size[0] / dpi, size[1] / dpi), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if train:
+        steps, values = zip(*train)
         k = max(1, len(train) // 50)
-        smooth = np.convolve([v for _, v in train], np.ones(k) / k, mode="valid")
-        draw.line([px(train[i + k - 1][0], v) for i, v in enumerate(smooth)], fill=(30, 80, 200), width=2)
-    for s, v in val:
-        x, y = px(s, v)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=(240, 130, 20))
-    if len(val) > 1:
-        draw.line([px(s, v) for s, v in val], fill=(240, 130, 20), width=2)
-    draw.text((w - 220, top + 8), "train loss (avg)", fill=(30, 80, 200))
+        if len(train) > 1:
+            ax.plot(steps, values, color="tab:blue", alpha=0.3, lw=0.8, label="train loss")
+        smooth = np.convolve(values, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, color="tab:blue", lw=2, marker="o" if len(train) == 1 else None,
+                label=f"train loss, moving mean of {k} logs" if k > 1 else "train loss")
     if val:
-        draw.text((w - 220, top + 24), "validation loss", fill=(240, 130, 20))
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
-    return True
+        steps, values = zip(*val)
+        ax.plot(steps, values, color="tab:orange", lw=2, marker="o", ms=5, label="validation loss")
+    ax.set_yscale("log")
+    # short plain labels (0.2, 0.5, 1): a run's loss often spans a decade or less, where log-axis
+    # defaults label only a tick or two, in scientific notation. Minor ticks are labelled only while
+    # they fit (up to two decades).
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")
+    ax.yaxis.set_major_formatter(plain)
+    losses = [v for _, v in train + val]
+    ax.yaxis.set_minor_formatter(plain if max(losses) / min(losses) <= 100 else NullFormatter())
+    ax.tick_params(axis="y", which="minor", labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=8, steps=[1, 2, 5, 10], integer=True))  # 0, 200, 400: never 404
+    first, last = min(s for s, _ in train + val), max(s for s, _ in train + val)
+    if last - first < 2:  # one step logged so far: a span of integers, not ticks at 4.8, 4.9, ...
+        ax.set_xlim(first - 1, last + 1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
