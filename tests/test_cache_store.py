@@ -268,8 +268,16 @@ WRITER_SCRIPT = textwrap.dedent("""
             return real(*a, **k)
         setattr(mod, attr, hook)
     sys.path.insert(0, {tests!r})
-    from test_cache_store import write_all
-    write_all(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
+    import test_cache_store
+    if os.environ.get("HOLD_LAST"):  # block before the last entry's latents until killed: never finish
+        import time
+        real_latents, last = test_cache_store.latents, int(sys.argv[-1]) - 1
+        def latents(i):
+            while i == last:
+                time.sleep(1)
+            return real_latents(i)
+        test_cache_store.latents = latents
+    test_cache_store.write_all(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:]))
 """)
 
 
@@ -291,10 +299,10 @@ def write_all(out, fmt, shard, shards, n):
             w.commit_entry({"source": f"/src/{i}"})
 
 
-def run_writer(tmp_path, out, fmt, shard=0, shards=1, n=24, kill=None, background=False):
+def run_writer(tmp_path, out, fmt, shard=0, shards=1, n=24, kill=None, background=False, hold_last=False):
     script = tmp_path / "writer.py"
     script.write_text(WRITER_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests")))
-    env = {**os.environ, "GLOG_v": "3", **({"KILL": kill} if kill else {})}
+    env = {**os.environ, "GLOG_v": "3", **({"KILL": kill} if kill else {}), **({"HOLD_LAST": "1"} if hold_last else {})}
     cmd = [sys.executable, str(script), str(out), fmt, str(shard), str(shards), str(n)]
     if background:
         return subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
@@ -343,13 +351,19 @@ def test_sigkill_at_a_random_moment(tmp_path):
     from conftest import random_kill_delay  # here: the writer subprocesses import this module
 
     out = tmp_path / "c"
-    proc = run_writer(tmp_path, out, "zarr", n=400, background=True)
-    deadline = time.monotonic() + 600  # a bound for a writer that never commits, not a speed
-    while not list(out.glob("manifest/*.parquet")) and time.monotonic() < deadline:
-        time.sleep(0.01)  # wait for the first commit, then kill at an arbitrary later instant
-    time.sleep(random_kill_delay(0, 0.3))
-    proc.kill()
-    assert proc.wait() == -9  # 400 entries take seconds: it was killed mid-run
+    # The writer holds before its last entry until killed, so the kill lands mid-run however fast
+    # the machine writes the other 399 entries (on a fast one, at the hold: after the last commit).
+    proc = run_writer(tmp_path, out, "zarr", n=400, background=True, hold_last=True)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a writer that never commits, not a speed
+        while not list(out.glob("manifest/*.parquet")):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]  # held: it cannot finish
+            assert time.monotonic() < deadline, "the writer committed nothing in 600 s"
+            time.sleep(0.01)  # wait for the first commit, then kill at an arbitrary later instant
+        time.sleep(random_kill_delay(0, 0.3))
+    finally:
+        proc.kill()
+    assert proc.wait() == -9, proc.stderr.read().decode()[-2000:]  # it could not have finished
     store = cache_store.open(out)
     assert store.verify() == []
     for r in store.entries().to_pylist():

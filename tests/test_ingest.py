@@ -77,16 +77,20 @@ def cli_env(tmp_path_factory):
 def latte_ingest(data, cache, env, *more, kill=None, **popen):
     """A real `latte ingest` process. kill="manifest:N" / "latents:N" SIGKILLs it just before the N-th
     rename of a manifest part / latent file (":torn" also truncates the temp file first, as if the kill
-    came half way through writing it)."""
+    came half way through writing it). kill="pause" instead stops it at its first VAE batch after the
+    first manifest commit and creates `<cache>.paused`, so a test can signal it mid-run from outside
+    however fast the machine is (see wait_until_paused)."""
     driver = ("import os, signal, sys\n"
               f"sys.path.insert(0, {str(ROOT)!r})\n"
               "spec = os.environ.get('LATTE_TEST_KILL')\n"
               "if spec:\n"
-              "    where, nth, how = (spec + ':').split(':')[:3]\n"
+              "    where, nth, how = (spec + '::').split(':')[:3]\n"
               "    seen, real = [0], os.replace\n"
               "    def replace(src, dst, *a, **k):\n"
               "        d = os.fspath(dst)\n"
-              "        if d.endswith('.parquet') if where == 'manifest' else '/latents/' in d:\n"
+              "        if where == 'pause':\n"
+              "            seen[0] += d.endswith('.parquet')\n"
+              "        elif d.endswith('.parquet') if where == 'manifest' else '/latents/' in d:\n"
               "            seen[0] += 1\n"
               "            if seen[0] == int(nth):\n"
               "                if how == 'torn':\n"
@@ -94,14 +98,36 @@ def latte_ingest(data, cache, env, *more, kill=None, **popen):
               "                os.kill(os.getpid(), signal.SIGKILL)\n"
               "        return real(src, dst, *a, **k)\n"
               "    os.replace = replace\n"
+              "    if where == 'pause':  # block in the next encode after the first commit, until signalled\n"
+              "        import time\n"
+              "        from ingest import pipeline\n"
+              "        encode = pipeline.encode\n"
+              "        def paused_encode(*a, **k):\n"
+              "            if seen[0]:\n"
+              "                open(os.environ['LATTE_TEST_PAUSED'], 'w').close()\n"
+              "                while True:\n"
+              "                    time.sleep(1)  # a SIGINT raises KeyboardInterrupt here, mid-entry\n"
+              "            return encode(*a, **k)\n"
+              "        pipeline.encode = paused_encode\n"
               "import latte_cli\n"
               "sys.exit(latte_cli.main(['ingest', *sys.argv[1:]]))\n")
     script = cache.parent / "latte_ingest_driver.py"  # a file: MindSpore's compile cache hashes the main script
     script.write_text(driver)
-    env = dict(env, LATTE_TEST_KILL=kill or "")
+    env = dict(env, LATTE_TEST_KILL=kill or "", LATTE_TEST_PAUSED=f"{cache}.paused")
     argv = [sys.executable, str(script), *BASE, "--data_folder", str(data), "--cache_folder", str(cache), *more]
     return subprocess.Popen(argv, env=env, cwd=cache.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, **popen)
+
+
+def wait_until_paused(proc, cache):
+    """Wait for a kill="pause" process to reach its pause point: a bound for a hung run, not a speed."""
+    deadline = time.monotonic() + 600
+    while not Path(f"{cache}.paused").exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            _, err = proc.communicate()
+            pytest.fail(f"latte ingest never paused after its first commit (exit {proc.returncode}):\n{err[-3000:]}")
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -394,11 +420,9 @@ def test_latte_ingest_command_prints_the_seed_status_lines(sky, reference, tmp_p
 @pytest.mark.parametrize("kill", ["manifest:1:torn", "manifest:3", "latents:9", "observed"])
 def test_resume_after_sigkill_equals_uninterrupted_run(sky, reference, tmp_path, cli_env, kill):
     cache = tmp_path / "cache"
-    if kill == "observed":  # from outside, as soon as the first commit is seen
-        proc = latte_ingest(sky[0], cache, cli_env)
-        part = cache / "manifest" / "part-00000-of-00001.parquet"
-        while not part.exists() and proc.poll() is None:
-            time.sleep(0.005)
+    if kill == "observed":  # from outside, mid-entry after the first commit, however fast the run is
+        proc = latte_ingest(sky[0], cache, cli_env, kill="pause")
+        wait_until_paused(proc, cache)
         proc.kill()
     else:
         proc = latte_ingest(sky[0], cache, cli_env, kill=kill)
@@ -416,10 +440,8 @@ def test_resume_after_sigkill_equals_uninterrupted_run(sky, reference, tmp_path,
 
 def test_ctrl_c_commits_finished_entries_and_prints_the_status_lines(sky, reference, tmp_path, cli_env):
     cache = tmp_path / "cache"
-    proc = latte_ingest(sky[0], cache, cli_env)
-    part = cache / "manifest" / "part-00000-of-00001.parquet"
-    while not part.exists() and proc.poll() is None:
-        time.sleep(0.005)
+    proc = latte_ingest(sky[0], cache, cli_env, kill="pause")  # mid-entry after the first commit
+    wait_until_paused(proc, cache)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err

@@ -75,8 +75,10 @@ def test_adamw_matches_torch_semantics_with_bias_correction(wd):
     for step, (g, lr) in enumerate(zip(grads, lrs)):
         opt.update([Tensor(g)], *opt.scalars(step, lr))
     want, m, v = _torch_adamw(p0, grads, lrs, wd=wd)
-    np.testing.assert_allclose(param.asnumpy(), want, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(opt.exp_avg[0].asnumpy(), m, rtol=1e-5, atol=1e-9)
+    # float32 against the float64 formula, element-wise over six steps: rounding of ~10 ops a step,
+    # and (1 - beta1) as a float32; entries of m that cancel near 0 keep the rounding of the scale.
+    assert_f32_close(param, want, ulps=128)
+    assert_f32_close(opt.exp_avg[0], m, ulps=128)
     # beta2 = 0.999 as a float32 makes (1 - beta2) 1.3e-5 off inside the fused kernel: v carries that
     np.testing.assert_allclose(opt.exp_avg_sq[0].asnumpy(), v, rtol=3e-5, atol=1e-12)
 
