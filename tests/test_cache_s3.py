@@ -19,7 +19,7 @@ moto_server = pytest.importorskip("moto.server", reason="moto[server] (the test 
 
 import cache_store  # noqa: E402
 from cache_store import cli  # noqa: E402
-from ingest import pipeline  # noqa: E402
+from ingest import cli as ingest_cli, pipeline  # noqa: E402
 from ingest.synthetic import make_sky_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def sky(tmp_path_factory):
 
 
 def ingest(data, cache, *more):
-    cfg = pipeline.parse_args([*BASE, "--data_folder", str(data), "--cache_folder", str(cache), *more])
+    cfg = ingest_cli.parse_args([*BASE, "--data_folder", str(data), "--cache_folder", str(cache), *more])
     return pipeline.run_ingest(cfg, environ={})
 
 
@@ -297,7 +297,7 @@ def test_a_server_that_never_answers_is_a_one_line_error_within_the_timeouts(s3,
 def test_unknown_bucket_is_one_line_for_ingest_and_train_too(s3, sky):
     from trainer.data import DataError, open_cache
 
-    assert pipeline.main([*BASE, "--data_folder", str(sky), "--cache_folder", "s3://no-such-bucket/c"]) == 2
+    assert ingest_cli.main([*BASE, "--data_folder", str(sky), "--cache_folder", "s3://no-such-bucket/c"]) == 2
     with pytest.raises(DataError, match="cannot open the latent cache s3://no-such-bucket/c: .*does not exist"):
         open_cache("s3://no-such-bucket/c")
 

@@ -196,13 +196,13 @@ def _two_nodes(tmp_path, name, args_of_node, timeout=400):
 
 def test_two_msrun_nodes_ingest_what_one_process_does_and_train_with_identical_weights(tmp_path):
     import cache_store
-    from ingest import pipeline
+    from ingest import cli, pipeline
     from ingest.synthetic import make_sky_dataset
 
     make_sky_dataset(tmp_path / "sky", num_videos=2, clips_per_video=3, frames_per_clip=10, size=(64, 64), seed=4)
     ingest = ["-c", str(ROOT / "configs/ingest/tiny.yaml"), "--image_size", "64", "--data_folder", tmp_path / "sky",
               "--progress", "false", "--mode", "pynative"]
-    pipeline.run_ingest(pipeline.parse_args([*map(str, ingest), "--cache_folder", str(tmp_path / "one")]),
+    pipeline.run_ingest(cli.parse_args([*map(str, ingest), "--cache_folder", str(tmp_path / "one")]),
                         environ={})
     _two_nodes(tmp_path, "ingest", lambda node: ["ingest", *ingest, "--cache_folder", tmp_path / "two"])
     one, two = cache_store.open(tmp_path / "one"), cache_store.open(tmp_path / "two")
