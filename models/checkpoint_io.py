@@ -8,7 +8,9 @@ needs, each mapped to a pure-numpy stand-in. Any other global is refused before 
 
 `.safetensors` files are written and validated with the `safetensors` package; this module adds
 what it lacks (bfloat16, memory-mapped reading, the atomic write and a checksum over header and
-data), and is the one place in the project that reads or writes weights files.
+data), and is the one place in the project that parses or writes torch and safetensors files.
+MindSpore `.ckpt` files are read and written by MindSpore itself, in models/convert.py (through
+`atomic_write` here).
 """
 import collections
 import io
@@ -21,6 +23,8 @@ import zipfile
 import zlib
 
 import numpy as np
+
+from models.config import first_line
 
 
 class UnsafeCheckpointError(ValueError):
@@ -214,7 +218,7 @@ def read_header(path):
     except (SafetensorError, OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as err:
         if isinstance(err, CheckpointFormatError):
             raise
-        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problem = first_line(err)
         raise CheckpointFormatError(f"{path}: damaged or not a safetensors file ({problem})") from None
     header.pop("__metadata__", None)
     return header, metadata, 8 + n
@@ -341,6 +345,13 @@ def verify_checksum(path):
     if f"crc32:{crc:08x}" != stored:
         raise CheckpointFormatError(f"{path}: checksum mismatch: the file is corrupt")
     return metadata
+
+
+def verify_if_checksummed(path):
+    """Refuse (CheckpointFormatError) a damaged file this project wrote, i.e. one that carries a
+    checksum; a safetensors file written elsewhere has none and is only checked for its layout."""
+    if CHECKSUM_KEY in read_header(path)[1]:
+        verify_checksum(path)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import (CHECKSUM_KEY, CheckpointFormatError, UnsafeCheckpointError, atomic_write,
-                                  map_safetensors, read_checkpoint, read_header, verify_checksum, write_safetensors)
+from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, map_safetensors,
+                                  read_checkpoint, read_header, verify_if_checksummed, write_safetensors)
+from models.config import first_line
 from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
 from models.registry import heads_for_hidden, variant_of
 
@@ -371,8 +372,7 @@ def _read_for_loading(path, prefix):
                          f"`latte convert --kind latte|vae --source {path} --target <name>.ckpt`")
     if path.endswith(".safetensors"):
         try:
-            if CHECKSUM_KEY in read_header(path)[1]:
-                verify_checksum(path)  # files this project wrote carry one: a damaged file is refused
+            verify_if_checksummed(path)
             values = map_safetensors(path, prefix)
         except CheckpointFormatError as err:
             raise ValueError(f"{err}; re-create it with `latte convert` (or use another checkpoint)") from None
@@ -424,7 +424,7 @@ def _read_ckpt(path, prefix):
     try:
         return read(lambda name: name.startswith(prefix))
     except (ValueError, RuntimeError) as err:
-        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problem = first_line(err)
     if prefix:
         # MindSpore also raises when nothing passes the filter: a file that reads whole is fine and
         # simply holds nothing under this prefix.
@@ -597,7 +597,7 @@ def main(argv=None):
     try:
         return _convert(args)
     except (ValueError, OSError) as err:  # user-caused: one line, no traceback
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         print(f"latte convert: error: {message}", file=sys.stderr)
         return 2
 

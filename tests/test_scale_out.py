@@ -17,7 +17,7 @@ from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
 from trainer.data import BatchLayout, ClipSource, DrawOrder, Item, cache_reader
 from trainer.logs import read_log
-from trainer.synthetic import make_latent_cache
+from latent_cache import make_latent_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "training" / "tiny_cache.yaml")
