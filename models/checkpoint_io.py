@@ -387,15 +387,22 @@ def read_checkpoint(path):
 def read_state_dict(path):
     """`{name: np.ndarray}` of the tensors in a torch or safetensors file, flattening nested dicts
     with dots (so `{"ema": {"w": t}}` gives `"ema.w"`). Non-tensor leaves are dropped."""
-    obj = read_checkpoint(path)
-    flat = collections.OrderedDict()
+    return flatten(read_checkpoint(path))[0]
+
+
+def flatten(obj, min_ndim=0):
+    """({dotted name: ndarray} of the arrays of at least `min_ndim` dimensions in a nested dict, [the
+    names of the other leaves]): `{"ema": {"w": t}}` gives `"ema.w"`."""
+    tensors, others = collections.OrderedDict(), []
 
     def walk(prefix, value):
-        if isinstance(value, np.ndarray):
-            flat[prefix] = value
+        if isinstance(value, np.ndarray) and value.ndim >= min_ndim:
+            tensors[prefix] = value
         elif isinstance(value, dict):
             for key, sub in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            others.append(prefix or "<root>")
 
     walk("", obj)
-    return flat
+    return tensors, others

@@ -27,8 +27,9 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, map_safetensors,
-                                  read_checkpoint, read_header, verify_if_checksummed, write_safetensors)
+from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, flatten,
+                                  map_safetensors, read_checkpoint, read_header, verify_if_checksummed,
+                                  write_safetensors)
 from models.config import first_line
 from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
 from models.registry import heads_for_hidden, variant_of
@@ -55,23 +56,6 @@ _VAE_ATTN_WEIGHT = re.compile(r"^.*\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)
 # ----------------------------------------------------------------------------------------------------
 # reading and normalising a PyTorch state dict
 # ----------------------------------------------------------------------------------------------------
-
-def _flatten(obj):
-    """{dotted name: ndarray} of the tensors in a nested dict, and the names of non-tensor leaves."""
-    tensors, others = {}, []
-
-    def walk(prefix, value):
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            tensors[prefix] = value
-        elif isinstance(value, dict):
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), sub)
-        else:
-            others.append(prefix or "<root>")
-
-    walk("", obj)
-    return tensors, others
-
 
 def _unwrap(tensors, group=None):
     """Pick the weights out of a training checkpoint: `group` if given, else `ema`, else `model`,
@@ -134,7 +118,7 @@ def convert_vae_names(state_dict):
 def load_torch_weights(source, kind, group=None):
     """Read a .pt/.pth/.bin/.safetensors file and return (state dict with our names, notes)."""
     obj = read_checkpoint(source)
-    tensors, others = _flatten(obj)
+    tensors, others = flatten(obj, min_ndim=1)  # a 0-d tensor is a number (e.g. a step count), not a weight
     if not tensors:
         raise ValueError(f"{source}: holds no tensors: not a weights file")
     state_dict, chosen, left = _unwrap(tensors, group)
