@@ -270,17 +270,9 @@ def write_videos(folder, videos, fps, save_gif=True, save_mp4=True):
     return written, notes
 
 
-def sample(cfg):
-    from models.runtime import setup_device
-    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
-
-    from models.diffusion import create_diffusion
-
-    t0 = time.time()
-    # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
-    path = resolve_checkpoint(cfg.checkpoint)
-    vae = load_vae(cfg)
-    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
+def _check_fits(cfg, vae, config, path):
+    """The loaded model's class count (0: unconditional); refuses a VAE, guidance or labels that do
+    not fit the model in `path` (its constructor kwargs `config`)."""
     if vae.latent_channels != config["in_channels"]:
         raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
                           f"{config['in_channels']}: pass the VAE the model was trained with")
@@ -293,7 +285,48 @@ def sample(cfg):
                           f"trained with class_dropout_prob 0: set --guidance_scale 1")
     if cfg.class_labels and not num_classes:
         raise ConfigError(f"class_labels given but {path} is unconditional: drop --class_labels")
+    return num_classes
+
+
+def _refuse_non_finite(latents, path):
+    """NaN weights or a diverged model would otherwise give black videos, written with exit 0."""
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"{bad} of {latents.size} sampled latent values are not finite (NaN or inf): the weights "
+                         f"in {path} are damaged or diverged; sample from an earlier checkpoint")
+
+
+def _write_outputs(cfg, latents, videos, loaded):
+    """A new run folder with the videos, grid.png, latents.npy if asked, and config.yaml (the config
+    plus what was `loaded`); returns (folder, written paths, notes)."""
+    folder = make_run_folder(cfg.output_folder)
+    written, notes = write_videos(folder, videos, cfg.fps, cfg.save_gif, cfg.save_mp4)
+    if cfg.save_latents:
+        written.append(os.path.join(folder, "latents.npy"))
+        np.save(written[-1], latents)
+    record = dataclasses.asdict(cfg)
+    record["loaded"] = loaded
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(record, f, sort_keys=False)
+    return folder, written, notes
+
+
+def sample(cfg):
+    """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
+    new folder under `output_folder`; returns that folder."""
+    from models.runtime import setup_device
+    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
+
     from models import read_metadata
+    from models.diffusion import create_diffusion
+
+    # -- load -------------------------------------------------------------------------------------
+    t0 = time.time()
+    # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
+    path = resolve_checkpoint(cfg.checkpoint)
+    vae = load_vae(cfg)
+    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
+    num_classes = _check_fits(cfg, vae, config, path)
     saved = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
     class_names = saved.get("class_names")  # a `latte train` run on a labelled cache
     scale_factor = cfg.scale_factor or saved.get("scale_factor") or 0.18215
@@ -313,29 +346,21 @@ def sample(cfg):
     print(f"sampling {cfg.num_samples} videos, {method}{guidance}, seed {cfg.seed}, {cfg.dtype} on {cfg.device_target}",
           file=sys.stderr, flush=True)
 
+    # -- denoise and decode -----------------------------------------------------------------------
     t1 = time.time()
     latents = sample_latents(net, diffusion, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_method, cfg.eta,
                              cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
     t2 = time.time()
-    bad = int(np.size(latents) - np.isfinite(latents).sum())
-    if bad:  # NaN weights or a diverged model: black videos otherwise, written with exit 0
-        raise ValueError(f"{bad} of {latents.size} sampled latent values are not finite (NaN or inf): the weights "
-                         f"in {path} are damaged or diverged; sample from an earlier checkpoint")
+    _refuse_non_finite(latents, path)
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
 
-    folder = make_run_folder(cfg.output_folder)
-    written, notes = write_videos(folder, videos, cfg.fps, cfg.save_gif, cfg.save_mp4)
-    if cfg.save_latents:
-        written.append(os.path.join(folder, "latents.npy"))
-        np.save(written[-1], latents)
-    record = dataclasses.asdict(cfg)
-    record["loaded"] = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
-                        "class_names": [class_names[i] for i in labels] if labels and class_names else None,
-                        "scale_factor": scale_factor,
-                        "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        yaml.safe_dump(record, f, sort_keys=False)
+    # -- write ------------------------------------------------------------------------------------
+    loaded = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
+              "class_names": [class_names[i] for i in labels] if labels and class_names else None,
+              "scale_factor": scale_factor,
+              "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
+    folder, written, notes = _write_outputs(cfg, latents, videos, loaded)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     steps = cfg.sampling_steps * -(-cfg.num_samples // (cfg.batch_size or cfg.num_samples))
