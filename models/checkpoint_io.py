@@ -8,7 +8,9 @@ needs, each mapped to a pure-numpy stand-in. Any other global is refused before 
 
 `.safetensors` files are written and validated with the `safetensors` package; this module adds
 what it lacks (bfloat16, memory-mapped reading, the atomic write and a checksum over header and
-data), and is the one place in the project that reads or writes weights files.
+data), and is the one place in the project that parses or writes torch and safetensors files.
+MindSpore `.ckpt` files are read and written by MindSpore itself, in models/convert.py (through
+`atomic_write` here).
 """
 import collections
 import io
@@ -21,6 +23,8 @@ import zipfile
 import zlib
 
 import numpy as np
+
+from models.config import first_line
 
 
 class UnsafeCheckpointError(ValueError):
@@ -214,7 +218,7 @@ def read_header(path):
     except (SafetensorError, OSError, ValueError, struct.error, KeyError, TypeError, IndexError, AttributeError) as err:
         if isinstance(err, CheckpointFormatError):
             raise
-        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problem = first_line(err)
         raise CheckpointFormatError(f"{path}: damaged or not a safetensors file ({problem})") from None
     header.pop("__metadata__", None)
     return header, metadata, 8 + n
@@ -343,6 +347,13 @@ def verify_checksum(path):
     return metadata
 
 
+def verify_if_checksummed(path):
+    """Refuse (CheckpointFormatError) a damaged file this project wrote, i.e. one that carries a
+    checksum; a safetensors file written elsewhere has none and is only checked for its layout."""
+    if CHECKSUM_KEY in read_header(path)[1]:
+        verify_checksum(path)
+
+
 # ----------------------------------------------------------------------------------------------------
 # entry points
 # ----------------------------------------------------------------------------------------------------
@@ -376,15 +387,22 @@ def read_checkpoint(path):
 def read_state_dict(path):
     """`{name: np.ndarray}` of the tensors in a torch or safetensors file, flattening nested dicts
     with dots (so `{"ema": {"w": t}}` gives `"ema.w"`). Non-tensor leaves are dropped."""
-    obj = read_checkpoint(path)
-    flat = collections.OrderedDict()
+    return flatten(read_checkpoint(path))[0]
+
+
+def flatten(obj, min_ndim=0):
+    """({dotted name: ndarray} of the arrays of at least `min_ndim` dimensions in a nested dict, [the
+    names of the other leaves]): `{"ema": {"w": t}}` gives `"ema.w"`."""
+    tensors, others = collections.OrderedDict(), []
 
     def walk(prefix, value):
-        if isinstance(value, np.ndarray):
-            flat[prefix] = value
+        if isinstance(value, np.ndarray) and value.ndim >= min_ndim:
+            tensors[prefix] = value
         elif isinstance(value, dict):
             for key, sub in value.items():
                 walk(f"{prefix}.{key}" if prefix else str(key), sub)
+        else:
+            others.append(prefix or "<root>")
 
     walk("", obj)
-    return flat
+    return tensors, others

@@ -7,7 +7,7 @@ one-line message names the key, where it came from, and the valid choices.
 
     @dataclass
     class SampleConfig:
-        model_name: str = field(default="Latte-XL/2", metadata={"choices": LATTE_MODELS, "help": "..."})
+        model_name: str = field(default="Latte-XL/2", metadata={"choices": MODEL_NAMES, "help": "..."})
         num_frames: int = 16
 """
 import argparse
@@ -22,6 +22,13 @@ import yaml
 
 class ConfigError(ValueError):
     """A user-caused configuration problem; its message is one line meant for the terminal."""
+
+
+def first_line(err):
+    """An exception as the one line that goes into a `latte <cmd>: error: ...` message (its type's name
+    if it has no text)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 _TRUE = {"true", "yes", "1", "on"}
@@ -66,20 +73,14 @@ def _coerce(tp, value, what):
             return value
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    elif tp in (int, float):
+        # an int key takes no float (1.5 is not silently cut); a float key takes an int
+        numbers = int if tp is int else (int, float)
+        if isinstance(value, numbers) and not isinstance(value, bool):
+            return tp(value)
         if isinstance(value, str):
             try:
-                return int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
+                return tp(value)
             except ValueError:
                 pass
     elif tp is str:

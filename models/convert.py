@@ -27,8 +27,10 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import (CHECKSUM_KEY, CheckpointFormatError, UnsafeCheckpointError, atomic_write,
-                                  map_safetensors, read_checkpoint, read_header, verify_checksum, write_safetensors)
+from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, flatten,
+                                  map_safetensors, read_checkpoint, read_header, verify_if_checksummed,
+                                  write_safetensors)
+from models.config import first_line
 from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
 from models.registry import heads_for_hidden, variant_of
 
@@ -54,23 +56,6 @@ _VAE_ATTN_WEIGHT = re.compile(r"^.*\.attentions\.\d+\.(to_q|to_k|to_v|to_out\.0)
 # ----------------------------------------------------------------------------------------------------
 # reading and normalising a PyTorch state dict
 # ----------------------------------------------------------------------------------------------------
-
-def _flatten(obj):
-    """{dotted name: ndarray} of the tensors in a nested dict, and the names of non-tensor leaves."""
-    tensors, others = {}, []
-
-    def walk(prefix, value):
-        if isinstance(value, np.ndarray) and value.ndim > 0:
-            tensors[prefix] = value
-        elif isinstance(value, dict):
-            for key, sub in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), sub)
-        else:
-            others.append(prefix or "<root>")
-
-    walk("", obj)
-    return tensors, others
-
 
 def _unwrap(tensors, group=None):
     """Pick the weights out of a training checkpoint: `group` if given, else `ema`, else `model`,
@@ -133,7 +118,7 @@ def convert_vae_names(state_dict):
 def load_torch_weights(source, kind, group=None):
     """Read a .pt/.pth/.bin/.safetensors file and return (state dict with our names, notes)."""
     obj = read_checkpoint(source)
-    tensors, others = _flatten(obj)
+    tensors, others = flatten(obj, min_ndim=1)  # a 0-d tensor is a number (e.g. a step count), not a weight
     if not tensors:
         raise ValueError(f"{source}: holds no tensors: not a weights file")
     state_dict, chosen, left = _unwrap(tensors, group)
@@ -371,8 +356,7 @@ def _read_for_loading(path, prefix):
                          f"`latte convert --kind latte|vae --source {path} --target <name>.ckpt`")
     if path.endswith(".safetensors"):
         try:
-            if CHECKSUM_KEY in read_header(path)[1]:
-                verify_checksum(path)  # files this project wrote carry one: a damaged file is refused
+            verify_if_checksummed(path)
             values = map_safetensors(path, prefix)
         except CheckpointFormatError as err:
             raise ValueError(f"{err}; re-create it with `latte convert` (or use another checkpoint)") from None
@@ -424,7 +408,7 @@ def _read_ckpt(path, prefix):
     try:
         return read(lambda name: name.startswith(prefix))
     except (ValueError, RuntimeError) as err:
-        problem = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        problem = first_line(err)
     if prefix:
         # MindSpore also raises when nothing passes the filter: a file that reads whole is fine and
         # simply holds nothing under this prefix.
@@ -597,7 +581,7 @@ def main(argv=None):
     try:
         return _convert(args)
     except (ValueError, OSError) as err:  # user-caused: one line, no traceback
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         print(f"latte convert: error: {message}", file=sys.stderr)
         return 2
 

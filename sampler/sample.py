@@ -25,101 +25,19 @@ import datetime
 import os
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import List, Optional
 
 import numpy as np
 import yaml
 
-from models.checkpoint_io import CHECKSUM_KEY, CheckpointFormatError, read_header, verify_checksum
-from models.config import ConfigError, parse_config
-from models.dtypes import DTYPE_NAMES, device_dtype_problem
-from models.registry import MODEL_NAMES, latte_kwargs, same_architecture, variant_sizes
-
-
-@dataclass
-class SampleConfig:
-    # -- what to load -----------------------------------------------------------------------------
-    checkpoint: str = field(default="", metadata={
-        "help": "Latte weights: a `latte train` step_*.safetensors, its output folder (newest checkpoint), "
-                "or a `latte convert` .ckpt/.safetensors"})
-    vae: str = field(default="", metadata={"help": "VAE weights (.ckpt/.safetensors from `latte convert --kind vae`)"})
-    weights: str = field(default="ema", metadata={
-        "choices": ("ema", "model"), "help": "which weights of a training checkpoint (a converted file holds one set)"})
-    scale_factor: Optional[float] = field(default=None, metadata={
-        "help": "latents are divided by this before decoding (null: the checkpoint's, else SD's 0.18215)"})
-    # -- the model: taken from the checkpoint when it saved its architecture, else from these --------
-    model_name: Optional[str] = field(default=None, metadata={
-        "choices": MODEL_NAMES, "help": "Latte variant (null: from the checkpoint)"})
-    image_size: Optional[int] = field(default=None, metadata={"help": "frame size in pixels (null: from the checkpoint)"})
-    num_frames: Optional[int] = field(default=None, metadata={"help": "frames per video (null: from the checkpoint)"})
-    num_classes: Optional[int] = field(default=None, metadata={
-        "help": "0 unconditional, N class-conditional (null: from the checkpoint)"})
-    learn_sigma: bool = field(default=True, metadata={"help": "used only for a checkpoint without saved architecture"})
-    # -- sampling ---------------------------------------------------------------------------------
-    num_samples: int = field(default=4, metadata={"help": "videos to generate"})
-    batch_size: int = field(default=0, metadata={"help": "videos denoised together (0: all at once)"})
-    sample_method: str = field(default="ddpm", metadata={"choices": ("ddpm", "ddim")})
-    sampling_steps: int = field(default=250, metadata={"help": "denoising steps, evenly respaced from the 1000"})
-    eta: float = field(default=0.0, metadata={"help": "DDIM noise (0: deterministic given x_T)"})
-    guidance_scale: float = field(default=1.0, metadata={
-        "help": "classifier-free guidance scale; > 1 needs a class-conditional model (1: off)"})
-    class_labels: List[str] = field(default_factory=list, metadata={
-        "help": "labels of the samples, cycled: class names the checkpoint carries, or indices "
-                "(class-conditional models; default: 0, 1, 2, ... cycled)"})
-    seed: int = field(default=42, metadata={"help": "sample i uses generators seeded by (seed, i)"})
-    # -- device -----------------------------------------------------------------------------------
-    dtype: str = field(default="fp32", metadata={"choices": DTYPE_NAMES, "help": "Latte matmul precision"})
-    enable_flash_attention: bool = field(default=False, metadata={"help": "Ascend only"})
-    device_target: str = field(default="CPU", metadata={"choices": ("CPU", "GPU", "Ascend")})
-    mode: str = field(default="graph", metadata={"choices": ("graph", "pynative")})
-    cpu_threads: int = field(default=0, metadata={"help": "CPU intra-op threads (0: MindSpore's choice)"})
-    # -- output -----------------------------------------------------------------------------------
-    output_folder: str = field(default="samples", metadata={"help": "a timestamped folder is made inside"})
-    fps: int = field(default=8, metadata={"help": "frames per second of the GIF and MP4 files"})
-    save_gif: bool = True
-    save_mp4: bool = field(default=True, metadata={"help": "needs PyAV; skipped with a note without it"})
-    save_latents: bool = field(default=False, metadata={"help": "also write latents.npy (N, F, C, h, w), scaled"})
-    decode_micro_batch: int = field(default=8, metadata={"help": "frames per VAE decoder call (bounds memory)"})
-    progress: bool = field(default=True, metadata={"help": "tqdm bar over the denoising steps"})
-
-    def validate(self):
-        for key in ("num_samples", "sampling_steps", "fps", "decode_micro_batch"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"'{key}' must be >= 1, got {getattr(self, key)}")
-        for key in ("batch_size", "cpu_threads"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"'{key}' must be >= 0, got {getattr(self, key)}")
-        for key in ("image_size", "num_frames", "num_classes"):
-            value = getattr(self, key)
-            if value is not None and value < (0 if key == "num_classes" else 1):
-                raise ConfigError(f"'{key}' is {value}: use a positive number, or null to take it from the checkpoint")
-        if self.sampling_steps > 1000:
-            raise ConfigError(f"'sampling_steps' is {self.sampling_steps}: the diffusion has 1000 steps, ask for at most 1000")
-        if self.eta < 0:
-            raise ConfigError(f"'eta' must be >= 0, got {self.eta}")
-        if self.eta and self.sample_method != "ddim":
-            raise ConfigError(f"'eta' {self.eta} applies to DDIM only: set --sample_method ddim or --eta 0")
-        if self.guidance_scale < 1:
-            raise ConfigError(f"'guidance_scale' is {self.guidance_scale}: use 1 (no guidance) or more")
-        if any(str(label).lstrip("-").isdigit() and int(label) < 0 for label in self.class_labels):
-            raise ConfigError(f"'class_labels' {self.class_labels} must be >= 0")
-        if self.scale_factor is not None and not self.scale_factor > 0:
-            raise ConfigError(f"'scale_factor' must be > 0, got {self.scale_factor}")
-        problem = device_dtype_problem(self.device_target, self.dtype, self.enable_flash_attention)
-        if problem:
-            raise ConfigError(problem)
+from models.checkpoint_io import CheckpointFormatError, read_header, verify_if_checksummed
+from models.config import ConfigError, first_line, parse_config
+from models.registry import latte_kwargs, same_architecture, variant_sizes
+from sampler.config import SampleConfig
 
 
 # ------------------------------------------------------------------------------------------------
 # loading
 # ------------------------------------------------------------------------------------------------
-
-def _verify(path):
-    """Raise CheckpointFormatError if a file this project wrote (it carries a checksum) is damaged."""
-    if CHECKSUM_KEY in read_header(path)[1]:
-        verify_checksum(path)
-
 
 def resolve_checkpoint(path, warn=None):
     """A weights file whose checksum holds; a training output folder (or its checkpoints/ folder)
@@ -135,7 +53,7 @@ def resolve_checkpoint(path, warn=None):
                             and name.endswith(".safetensors")), reverse=True) if os.path.isdir(folder) else []
             for name in steps:
                 try:
-                    _verify(os.path.join(folder, name))
+                    verify_if_checksummed(os.path.join(folder, name))
                     return os.path.join(folder, name)
                 except CheckpointFormatError as err:
                     warn(f"warning: skipping checkpoint {err}")
@@ -148,7 +66,7 @@ def resolve_checkpoint(path, warn=None):
                           f"`latte convert --kind latte`)")
     if path.endswith(".safetensors"):
         try:
-            _verify(path)
+            verify_if_checksummed(path)
         except CheckpointFormatError as err:
             raise ConfigError(f"checkpoint {err}: pass the run folder to take its newest good checkpoint, or "
                               f"another file") from None
@@ -211,7 +129,7 @@ def load_vae(cfg):
     try:
         return load(cfg.vae)
     except ValueError as err:
-        raise ConfigError(str(err).strip().splitlines()[0]) from None
+        raise ConfigError(first_line(err)) from None
 
 
 def load_latte(cfg, downscale, latent_channels=4, path=None):
@@ -352,17 +270,9 @@ def write_videos(folder, videos, fps, save_gif=True, save_mp4=True):
     return written, notes
 
 
-def sample(cfg):
-    from models.runtime import setup_device
-    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
-
-    from models.diffusion import create_diffusion
-
-    t0 = time.time()
-    # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
-    path = resolve_checkpoint(cfg.checkpoint)
-    vae = load_vae(cfg)
-    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
+def _check_fits(cfg, vae, config, path):
+    """The loaded model's class count (0: unconditional); refuses a VAE, guidance or labels that do
+    not fit the model in `path` (its constructor kwargs `config`)."""
     if vae.latent_channels != config["in_channels"]:
         raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
                           f"{config['in_channels']}: pass the VAE the model was trained with")
@@ -375,7 +285,48 @@ def sample(cfg):
                           f"trained with class_dropout_prob 0: set --guidance_scale 1")
     if cfg.class_labels and not num_classes:
         raise ConfigError(f"class_labels given but {path} is unconditional: drop --class_labels")
+    return num_classes
+
+
+def _refuse_non_finite(latents, path):
+    """NaN weights or a diverged model would otherwise give black videos, written with exit 0."""
+    bad = int(np.size(latents) - np.isfinite(latents).sum())
+    if bad:
+        raise ValueError(f"{bad} of {latents.size} sampled latent values are not finite (NaN or inf): the weights "
+                         f"in {path} are damaged or diverged; sample from an earlier checkpoint")
+
+
+def _write_outputs(cfg, latents, videos, loaded):
+    """A new run folder with the videos, grid.png, latents.npy if asked, and config.yaml (the config
+    plus what was `loaded`); returns (folder, written paths, notes)."""
+    folder = make_run_folder(cfg.output_folder)
+    written, notes = write_videos(folder, videos, cfg.fps, cfg.save_gif, cfg.save_mp4)
+    if cfg.save_latents:
+        written.append(os.path.join(folder, "latents.npy"))
+        np.save(written[-1], latents)
+    record = dataclasses.asdict(cfg)
+    record["loaded"] = loaded
+    with open(os.path.join(folder, "config.yaml"), "w") as f:
+        yaml.safe_dump(record, f, sort_keys=False)
+    return folder, written, notes
+
+
+def sample(cfg):
+    """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
+    new folder under `output_folder`; returns that folder."""
+    from models.runtime import setup_device
+    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
+
     from models import read_metadata
+    from models.diffusion import create_diffusion
+
+    # -- load -------------------------------------------------------------------------------------
+    t0 = time.time()
+    # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
+    path = resolve_checkpoint(cfg.checkpoint)
+    vae = load_vae(cfg)
+    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
+    num_classes = _check_fits(cfg, vae, config, path)
     saved = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
     class_names = saved.get("class_names")  # a `latte train` run on a labelled cache
     scale_factor = cfg.scale_factor or saved.get("scale_factor") or 0.18215
@@ -395,29 +346,21 @@ def sample(cfg):
     print(f"sampling {cfg.num_samples} videos, {method}{guidance}, seed {cfg.seed}, {cfg.dtype} on {cfg.device_target}",
           file=sys.stderr, flush=True)
 
+    # -- denoise and decode -----------------------------------------------------------------------
     t1 = time.time()
     latents = sample_latents(net, diffusion, cfg.num_samples, cfg.seed, cfg.batch_size, cfg.sample_method, cfg.eta,
                              cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
     t2 = time.time()
-    bad = int(np.size(latents) - np.isfinite(latents).sum())
-    if bad:  # NaN weights or a diverged model: black videos otherwise, written with exit 0
-        raise ValueError(f"{bad} of {latents.size} sampled latent values are not finite (NaN or inf): the weights "
-                         f"in {path} are damaged or diverged; sample from an earlier checkpoint")
+    _refuse_non_finite(latents, path)
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
 
-    folder = make_run_folder(cfg.output_folder)
-    written, notes = write_videos(folder, videos, cfg.fps, cfg.save_gif, cfg.save_mp4)
-    if cfg.save_latents:
-        written.append(os.path.join(folder, "latents.npy"))
-        np.save(written[-1], latents)
-    record = dataclasses.asdict(cfg)
-    record["loaded"] = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
-                        "class_names": [class_names[i] for i in labels] if labels and class_names else None,
-                        "scale_factor": scale_factor,
-                        "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        yaml.safe_dump(record, f, sort_keys=False)
+    # -- write ------------------------------------------------------------------------------------
+    loaded = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,
+              "class_names": [class_names[i] for i in labels] if labels and class_names else None,
+              "scale_factor": scale_factor,
+              "seconds": {"denoise": round(t2 - t1, 2), "decode": round(t3 - t2, 2)}}
+    folder, written, notes = _write_outputs(cfg, latents, videos, loaded)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     steps = cfg.sampling_steps * -(-cfg.num_samples // (cfg.batch_size or cfg.num_samples))
@@ -435,7 +378,7 @@ def main(argv=None):
     except ConfigError:
         raise
     except ValueError as err:  # a weights file that does not fit (models.load_weights): one line
-        print(f"latte sample: error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        print(f"latte sample: error: {first_line(err)}", file=sys.stderr)
         return 2
     return 0
 

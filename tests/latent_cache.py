@@ -31,3 +31,15 @@ def make_latent_cache(folder, num_entries=10, frames=(6, 12), latent_size=8, cha
                 meta["label"] = i % labels
             w.write_entry(f"clip_{i:03d}", mean.astype(np.float32), std.astype(np.float32), meta)
     return store
+
+
+def clip_source(cache, seed, num_frames=4):
+    """The trainer's `ClipSource` over the entries of `cache` long enough for `num_frames` clips at
+    stride 1, reading (mean + std * eps) * 0.18215 latents of 4 x 8 x 8 (the tests' cache)."""
+    import cache_store
+    from trainer.data import ClipSource, DrawOrder, Item, cache_reader
+
+    store = cache_store.open(cache)
+    items = [Item(r["id"], r["num_frames"]) for r in store.entries().to_pylist() if r["num_frames"] >= num_frames]
+    return ClipSource(items, DrawOrder(len(items), seed), cache_reader(store, num_frames, 1), num_frames, 1,
+                      (num_frames, 4, 8, 8), latent=("sample", 0.18215))

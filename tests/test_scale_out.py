@@ -15,9 +15,9 @@ import pytest
 
 from trainer import checkpoint as ckpt
 from trainer.config import TrainConfig
-from trainer.data import BatchLayout, ClipSource, DrawOrder, Item, cache_reader
+from trainer.data import BatchLayout
 from trainer.logs import read_log
-from latent_cache import make_latent_cache
+from latent_cache import clip_source, make_latent_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "training" / "tiny_cache.yaml")
@@ -112,12 +112,7 @@ def _global_sequence(source, legs, seed, num_timesteps=1000):
 
 
 def test_sample_order_timesteps_and_noise_follow_the_global_index_not_the_rank(cache):
-    import cache_store
-
-    store = cache_store.open(cache)
-    items = [Item(r["id"], r["num_frames"]) for r in store.entries().to_pylist() if r["num_frames"] >= 4]
-    source = ClipSource(items, DrawOrder(len(items), 11), cache_reader(store, 4, 1), 4, 1, (4, 4, 8, 8),
-                        latent=("sample", 0.18215))
+    source = clip_source(cache, seed=11)
     want = _global_sequence(source, [(2, 2, 1, 6)], seed=11)
     got = _global_sequence(source, [(2, 2, 1, 2), (1, 2, 2, 2), (4, 1, 1, 1), (1, 4, 1, 1)], seed=11)
     assert sorted(got) == sorted(want) == list(range(24))

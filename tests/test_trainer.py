@@ -24,7 +24,7 @@ from trainer.data import BatchLayout, ClipSource, DataError, DrawOrder, Item, ma
 from trainer.logs import plot_losses, read_log
 from trainer.optim import EMA, AdamW, LossScaler, clip_coefficient, learning_rate_at
 from conftest import assert_f32_close
-from latent_cache import make_latent_cache
+from latent_cache import clip_source, make_latent_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "training" / "tiny_cache.yaml")
@@ -177,20 +177,14 @@ def test_no_usable_entry_names_the_real_cause_not_val_entries():
 
 
 def test_loader_resumes_at_exactly_the_next_sample_in_the_same_order(cache):
-    import cache_store
-    from trainer.data import cache_reader
-
-    store = cache_store.open(cache)
-    items = [Item(r["id"], r["num_frames"]) for r in store.entries().to_pylist() if r["num_frames"] >= 4]
-    src = ClipSource(items, DrawOrder(len(items), 1), cache_reader(store, 4, 1), 4, 1, (4, 4, 8, 8),
-                     latent=("sample", 0.18215))
+    src = clip_source(cache, seed=1)
     whole = [x for x, _, _ in make_loader(src, range(24), 4, num_workers=2, chunk_batches=2)]
     resumed = [x for x, _, _ in make_loader(src, range(12, 24), 4, num_workers=2, chunk_batches=2)]
     assert len(whole) == 6
     for got, want in zip(resumed, whole[3:]):
         np.testing.assert_array_equal(got, want)
     # a fresh posterior sample each time: the same entry, drawn in another epoch, differs
-    assert not np.array_equal(src[0][0], src[len(items)][0])
+    assert not np.array_equal(src[0][0], src[len(src.items)][0])
 
 
 def test_unreadable_entry_is_flagged_not_raised_in_the_workers():

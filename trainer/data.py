@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.config import ConfigError
+from models.config import ConfigError, first_line
 
 
 class DataError(RuntimeError):
@@ -182,12 +182,6 @@ class RankDraws:
         if not 0 <= k < len(self):
             raise IndexError(k)
         return self._at(k)
-
-
-def first_line(err):
-    """An exception as the one line that goes into an error naming the entry."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 class ClipSource:
