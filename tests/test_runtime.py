@@ -1,0 +1,118 @@
+"""The compile cache that models.runtime.setup_device turns on in graph mode: a second process loads
+the graphs the first one saved, any change to what a graph depends on gives a new folder, a run whose
+graphs differ from those cached never loads one by position, and results are bit-equal either way.
+
+Each run is a fresh child process (the cache path is read once per process, at its first compile)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small graph with a fused C++ kernel (an aot custom op) and batch sizes from $BATCHES (not the
+# command line, which keys the folder); prints
+# the cache folder and the output as JSON.
+CHILD = r"""
+import json, os, sys
+import numpy as np
+from models.runtime import setup_device
+import models.runtime as runtime
+setup_device("CPU", "graph", cpu_threads=1)
+import mindspore as ms
+from mindspore import nn, ops
+from models.conv_select import Im2ColConv
+
+class Net(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.conv = Im2ColConv()
+        self.w = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 3, 3), np.float32))
+        self.b = ms.Tensor(np.linspace(-1, 1, 4, dtype=np.float32))
+    def construct(self, x):
+        return ops.relu(self.conv(x, self.w, self.b)) * 2
+
+net = Net()
+outs = []
+for n in map(int, os.environ["BATCHES"].split(",")):
+    x = ms.Tensor(np.random.default_rng(n).standard_normal((n, 3, 6, 6), np.float32))
+    outs.append(net(x).asnumpy().tolist())
+import os
+print("RESULT " + json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH") if os.environ.get("MS_COMPILER_CACHE_ENABLE") == "1" else None,
+                             "outs": outs}))
+"""
+
+
+def _run(tmp_path, batches, cache=""):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="2", LATTE_KERNEL_DIR=str(tmp_path / "kernels"),
+               LATTE_COMPILE_CACHE=cache or str(tmp_path / "compile"), BATCHES=batches)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                         cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(l for l in run.stdout.splitlines() if l.startswith("RESULT "))
+    result = json.loads(line[len("RESULT "):])
+    result["loaded"] = run.stderr.count("Use the compilation cache")
+    result["stderr"] = run.stderr
+    return result
+
+
+def test_compile_cache_second_process_loads_saved_graphs(tmp_path):
+    first = _run(tmp_path, "2")
+    assert first["folder"] and first["loaded"] == 0
+    folder = Path(first["folder"])
+    assert list(folder.rglob("compile_cache_0.mindir"))
+    assert json.loads((folder / "signatures_rank0.json").read_text())
+    second = _run(tmp_path, "2")
+    assert second["folder"] == first["folder"]
+    assert second["loaded"] == 1
+    assert np.array_equal(np.array(second["outs"]), np.array(first["outs"]))
+
+
+def test_compile_cache_results_bit_equal_without_cache(tmp_path):
+    cached = _run(tmp_path, "2,3")
+    reloaded = _run(tmp_path, "2,3")
+    uncached = _run(tmp_path, "2,3", cache="0")
+    assert uncached["folder"] is None and uncached["loaded"] == 0 and reloaded["loaded"] == 2
+    for a, b, c in zip(cached["outs"], reloaded["outs"], uncached["outs"]):
+        assert np.array_equal(np.array(a), np.array(c)) and np.array_equal(np.array(b), np.array(c))
+
+
+def test_compile_cache_never_loads_a_graph_of_other_shapes(tmp_path, monkeypatch):
+    """MindSpore loads cached graphs by compile order only: without the guard a (3, ...) input ran the
+    graph compiled for (2, ...) and returned 2 rows. Same command line and config, so the same folder."""
+    _run(tmp_path, "2,3")
+    swapped = _run(tmp_path, "2,5")
+    assert [len(o) for o in swapped["outs"]] == [2, 5]
+    assert swapped["loaded"] == 1  # the (2, ...) graph, still in place
+    assert "compiling the rest of this run afresh" in swapped["stderr"]
+
+
+def test_compile_cache_key_changes_with_model_sources(tmp_path, monkeypatch):
+    from models import runtime
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path))
+    before = runtime.compile_cache_key("CPU", "graph", 1, ["latte", "train"])
+    assert before == runtime.compile_cache_key("CPU", "graph", 1, ["latte", "train"])
+    real = runtime._source_hash
+    monkeypatch.setattr(runtime, "_source_hash", lambda: real() + "changed")
+    assert runtime.compile_cache_key("CPU", "graph", 1, ["latte", "train"]) != before
+
+
+def test_compile_cache_key_changes_with_conv_choices_and_config(tmp_path, monkeypatch):
+    from models import conv_select, runtime
+    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("batch_size: 1\n")
+    argv = ["latte", "train", "-c", str(cfg)]
+    before = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    conv_select.cache_path().write_text('{"128x256x256->128@t1": "winograd4"}')
+    after_choice = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    cfg.write_text("batch_size: 2\n")
+    after_config = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    monkeypatch.setenv("LATTE_CONV", "native")
+    forced = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    assert len({before, after_choice, after_config, forced}) == 4
