@@ -135,6 +135,10 @@ class _CompileGuard:
         self.seen = []
         self.diverged = False
 
+    def stop(self):
+        self.diverged = True
+        os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
+
     def check(self, sig):
         if self.diverged or sig in self.seen:
             return
@@ -144,8 +148,7 @@ class _CompileGuard:
             tmp.write_text(json.dumps(self.seen, indent=1))
             os.replace(tmp, self.file)
         elif self.seen != self.expected[:len(self.seen)]:
-            self.diverged = True
-            os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
+            self.stop()
             print(f"note: compiled graphs differ from those cached in {self.file.parent}; "
                   "compiling the rest of this run afresh", file=sys.stderr)
 
@@ -153,20 +156,29 @@ class _CompileGuard:
 def _install_compile_hooks():
     from mindspore.graph import api
 
-    def wrap(cls, get_obj):
+    def wrap(cls, guard):
         original = cls.compile
         if getattr(original, "_latte_guarded", False):
             return
 
         def compile(self, first, *args, **kwargs):
             if _cache_guard is not None:
-                _cache_guard.check(_signature(get_obj(self, first), args))
+                guard(self, first, args)
             return original(self, first, *args, **kwargs)
         compile._latte_guarded = True
         cls.compile = compile
 
-    wrap(api._CellGraphExecutor, lambda self, obj: obj)
-    wrap(api._JitExecutor, lambda self, method: self.obj if self.obj is not None else self.fn)
+    def cell_graph(executor, obj, args):
+        _cache_guard.check(_signature(obj, args))
+
+    def jit_function(executor, method, args):
+        # A cached ms.jit training step (trainer/step.py: closures over parameters and optimizer
+        # state) ran to loss NaN at its first step, measured; Cell graphs reloaded bit-equal. So
+        # the first ms.jit compile ends caching for the rest of the process, before it is saved.
+        _cache_guard.stop()
+
+    wrap(api._CellGraphExecutor, cell_graph)
+    wrap(api._JitExecutor, jit_function)
 
 
 def enable_compile_cache(device_target, mode, cpu_threads, argv=None):
