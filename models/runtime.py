@@ -172,10 +172,14 @@ def _install_compile_hooks():
         _cache_guard.check(_signature(obj, args))
 
     def jit_function(executor, method, args):
-        # A cached ms.jit training step (trainer/step.py: closures over parameters and optimizer
-        # state) ran to loss NaN at its first step, measured; Cell graphs reloaded bit-equal. So
-        # the first ms.jit compile ends caching for the rest of the process, before it is saved.
-        _cache_guard.stop()
+        # MindSpore binds a reloaded graph's weights only for a Cell (set_weights_values): the VAE's
+        # ms.jit methods reload bit-equal, but a cached ms.jit function that closes over parameters
+        # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
+        # first such compile ends caching for the rest of the process, before it is saved.
+        if isinstance(executor.obj, ms.nn.Cell):
+            _cache_guard.check(_signature(executor.obj, args) + "." + getattr(method, "__name__", "?"))
+        else:
+            _cache_guard.stop()
 
     wrap(api._CellGraphExecutor, cell_graph)
     wrap(api._JitExecutor, jit_function)
