@@ -6,6 +6,7 @@ means the same thing in `ingest`, `train` and `sample`.
 import hashlib
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -87,15 +88,12 @@ def _run_hash(argv):
 
 def compile_cache_key(device_target, mode, cpu_threads, argv=None):
     """A short hash of what a cached graph depends on: the ISA key, MindSpore's and Python's versions,
-    the sources of models/, the measured convolution choices (a graph keeps the conv it was compiled
-    with), LATTE_CONV, device, mode, threads and the command line with its config files."""
-    from models import conv_select
+    the sources of models/, LATTE_CONV, device, mode, threads and the command line with its config
+    files. The measured convolution choices (a graph keeps the conv it was compiled with) are checked
+    per graph by _CompileGuard instead: hashing the choice file here would miss once more on every
+    run that measures a new shape."""
     from models.cpu_features import isa_key
-    try:
-        choices = conv_select.cache_path().read_bytes()
-    except OSError:
-        choices = b""
-    parts = [isa_key(), ms.__version__, sys.version, _source_hash(), hashlib.sha256(choices).hexdigest(),
+    parts = [isa_key(), ms.__version__, sys.version, _source_hash(),
              os.environ.get("LATTE_CONV", "auto"), device_target, mode, str(cpu_threads),
              _run_hash(list(sys.argv if argv is None else argv))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
@@ -122,16 +120,23 @@ def _signature(obj, args):
 
 
 class _CompileGuard:
-    """Records the distinct graph signatures in compile order into `signatures.json` (a writing run,
-    the folder was new) or checks them against it (a reading run); on the first departure it sets
-    MS_COMPILER_CACHE_ENABLE=0, so that no later graph of this process is loaded by position."""
+    """Records the distinct graph signatures in compile order, each with the convolution choices its
+    compile made, into `signatures_rank<R>.json` (a writing run: the folder was new) or checks them
+    against it (a reading run: same graph, and each recorded choice still what conv_select gives);
+    on the first departure it sets MS_COMPILER_CACHE_ENABLE=0, so that no later graph of this
+    process is loaded by position."""
 
     def __init__(self, folder):
         self.file = folder / f"signatures_rank{os.environ.get('RANK_ID', '0')}.json"
         try:
             self.expected = json.loads(self.file.read_text())
-        except (OSError, ValueError):
+            assert all({"graph", "convs"} <= set(entry) for entry in self.expected)
+        except (OSError, ValueError, TypeError, AssertionError):
             self.expected = None
+            # graphs MindSpore saved without a manifest (a run killed before writing it) would be
+            # loaded by position unchecked: start the folder afresh
+            for stale in folder.glob("rank_*"):
+                shutil.rmtree(stale, ignore_errors=True)
         self.seen = []
         self.diverged = False
 
@@ -140,17 +145,30 @@ class _CompileGuard:
         os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
 
     def check(self, sig):
-        if self.diverged or sig in self.seen:
-            return
-        self.seen.append(sig)
+        """Before a compile: True when `sig` is a new graph of a writing run (record() follows)."""
+        if self.diverged or sig in [entry["graph"] for entry in self.seen]:
+            return False
+        self.seen.append({"graph": sig, "convs": []})
         if self.expected is None:
-            tmp = self.file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.seen, indent=1))
-            os.replace(tmp, self.file)
-        elif self.seen != self.expected[:len(self.seen)]:
+            return True
+        n = len(self.seen)
+        if n > len(self.expected) or self.expected[n - 1]["graph"] != sig or not self._convs_hold(n - 1):
             self.stop()
             print(f"note: compiled graphs differ from those cached in {self.file.parent}; "
                   "compiling the rest of this run afresh", file=sys.stderr)
+        return False
+
+    def _convs_hold(self, index):
+        from models import conv_select
+        return all(conv_select.choose(c, h, w, o, measure_missing=False) == choice
+                   for c, h, w, o, choice in self.expected[index]["convs"])
+
+    def record(self, convs):
+        """After a writing run's compile: the conv choices it made, then the manifest (atomically)."""
+        self.seen[-1]["convs"] = sorted(set(convs))
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seen, indent=1))
+        os.replace(tmp, self.file)
 
 
 def _install_compile_hooks():
@@ -162,14 +180,18 @@ def _install_compile_hooks():
             return
 
         def compile(self, first, *args, **kwargs):
-            if _cache_guard is not None:
-                guard(self, first, args)
-            return original(self, first, *args, **kwargs)
+            if _cache_guard is None or not guard(self, first, args):
+                return original(self, first, *args, **kwargs)
+            from models import conv_select
+            before = len(conv_select.resolved)
+            result = original(self, first, *args, **kwargs)
+            _cache_guard.record(tuple(x) for x in conv_select.resolved[before:])
+            return result
         compile._latte_guarded = True
         cls.compile = compile
 
     def cell_graph(executor, obj, args):
-        _cache_guard.check(_signature(obj, args))
+        return _cache_guard.check(_signature(obj, args))
 
     def jit_function(executor, method, args):
         # MindSpore binds a reloaded graph's weights only for a Cell (set_weights_values): the VAE's
@@ -177,9 +199,9 @@ def _install_compile_hooks():
         # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
         # first such compile ends caching for the rest of the process, before it is saved.
         if isinstance(executor.obj, ms.nn.Cell):
-            _cache_guard.check(_signature(executor.obj, args) + "." + getattr(method, "__name__", "?"))
-        else:
-            _cache_guard.stop()
+            return _cache_guard.check(_signature(executor.obj, args) + "." + getattr(method, "__name__", "?"))
+        _cache_guard.stop()
+        return False
 
     wrap(api._CellGraphExecutor, cell_graph)
     wrap(api._JitExecutor, jit_function)

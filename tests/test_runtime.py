@@ -44,6 +44,19 @@ for n in map(int, os.environ["BATCHES"].split(",")):
     x = ms.Tensor(np.random.default_rng(n).standard_normal((n, 3, 6, 6), np.float32))
     outs.append(net(x).asnumpy().tolist())
     outs.append(net.jitted(x).asnumpy().tolist())
+if os.environ.get("SELECTED_CONV"):
+    # large enough for conv_select to consult its choice file (a conv per frame of >= MIN_MACS)
+    from models.conv_select import SelectedConv
+    class Big(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.conv = SelectedConv()
+        def construct(self, x, w, b):
+            return self.conv(x, w, b)
+    rng = np.random.default_rng(0)
+    xb = ms.Tensor(rng.standard_normal((1, 64, 128, 128), np.float32))
+    wb = ms.Tensor(rng.standard_normal((64, 64, 3, 3), np.float32) / 24)
+    outs.append(Big()(xb, wb, ms.Tensor(np.zeros(64, np.float32))).asnumpy()[0, :2].tolist())
 if os.environ.get("JIT_STEP"):
     # a training-step shape: an ms.jit function closing over parameters it updates in place
     from mindspore import Parameter
@@ -62,9 +75,10 @@ print("RESULT " + json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH")
 """
 
 
-def _run(tmp_path, batches, cache="", jit_step=""):
+def _run(tmp_path, batches, cache="", jit_step="", selected_conv=""):
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="2", LATTE_KERNEL_DIR=str(tmp_path / "kernels"),
-               LATTE_COMPILE_CACHE=cache or str(tmp_path / "compile"), BATCHES=batches, JIT_STEP=jit_step)
+               LATTE_COMPILE_CACHE=cache or str(tmp_path / "compile"), BATCHES=batches, JIT_STEP=jit_step,
+               SELECTED_CONV=selected_conv)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
@@ -118,20 +132,37 @@ def test_compile_cache_key_changes_with_model_sources(tmp_path, monkeypatch):
     assert runtime.compile_cache_key("CPU", "graph", 1, ["latte", "train"]) != before
 
 
-def test_compile_cache_key_changes_with_conv_choices_and_config(tmp_path, monkeypatch):
-    from models import conv_select, runtime
-    monkeypatch.setenv("LATTE_KERNEL_DIR", str(tmp_path))
+def test_compile_cache_key_changes_with_forced_conv_and_config(tmp_path, monkeypatch):
+    from models import runtime
     cfg = tmp_path / "run.yaml"
     cfg.write_text("batch_size: 1\n")
     argv = ["latte", "train", "-c", str(cfg)]
     before = runtime.compile_cache_key("CPU", "graph", 1, argv)
-    conv_select.cache_path().write_text('{"128x256x256->128@t1": "winograd4"}')
-    after_choice = runtime.compile_cache_key("CPU", "graph", 1, argv)
     cfg.write_text("batch_size: 2\n")
     after_config = runtime.compile_cache_key("CPU", "graph", 1, argv)
     monkeypatch.setenv("LATTE_CONV", "native")
     forced = runtime.compile_cache_key("CPU", "graph", 1, argv)
-    assert len({before, after_choice, after_config, forced}) == 4
+    assert len({before, after_config, forced}) == 3
+
+
+def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path):
+    """A graph keeps the convolution it was compiled with: after the choice file changes (re-measured
+    on another load, or edited), that graph is compiled afresh, never reloaded with the old conv."""
+    from models import conv_select
+    choices = tmp_path / "kernels" / f"conv_select_{conv_select.isa_key()}.json"
+    choices.parent.mkdir()
+    choices.write_text(json.dumps({"64x128x128->64@t1": "winograd2"}))
+    first = _run(tmp_path, "2", selected_conv="1")
+    manifest = json.loads(next((tmp_path / "compile").rglob("signatures_rank0.json")).read_text())
+    assert [64, 128, 128, 64, "winograd2"] in [c for e in manifest for c in e["convs"]]
+    assert _run(tmp_path, "2", selected_conv="1")["loaded"] == 3
+    choices.write_text(json.dumps({"64x128x128->64@t1": "im2col"}))
+    changed = _run(tmp_path, "2", selected_conv="1")
+    assert changed["loaded"] == 2  # the two small graphs before it
+    assert "compiling the rest of this run afresh" in changed["stderr"]
+    a, b = np.array(first["outs"][-1]), np.array(changed["outs"][-1])
+    assert not np.array_equal(a, b)  # im2col's rounding, not the reloaded Winograd graph's
+    np.testing.assert_allclose(b, a, rtol=0, atol=conv_select.TOLERANCE * np.abs(a).max() * 2)
 
 
 def test_compile_cache_leaves_jit_training_steps_uncached(tmp_path):
