@@ -199,7 +199,7 @@ def _install_compile_hooks():
         # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
         # first such compile ends caching for the rest of the process, before it is saved.
         if isinstance(executor.obj, ms.nn.Cell):
-            return _cache_guard.check(_signature(executor.obj, args) + "." + getattr(method, "__name__", "?"))
+            return _cache_guard.check(_signature(executor.obj, args) + "." + str(method))
         _cache_guard.stop()
         return False
 
