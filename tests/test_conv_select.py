@@ -140,7 +140,7 @@ def test_measure_reports_every_candidate_with_its_deviation(cache_dir):
 
 
 def test_vae_conv_uses_the_selected_path(cache_dir, monkeypatch):
-    from models.layers import Conv2d
+    from models.vae_layers import Conv2d
     x, _, _ = _case(1, 8, 6, 6, 8)
     conv = Conv2d(8, 8, 3, padding=1)
     assert conv.selected
