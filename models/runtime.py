@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logs drown the progress bars otherwise
@@ -207,6 +208,21 @@ def _install_compile_hooks():
     wrap(api._JitExecutor, jit_function)
 
 
+CACHE_MAX_AGE_DAYS = 30  # folders unused this long are deleted (each new command line makes one)
+
+
+def prune_compile_cache(root, keep, max_age_days=CACHE_MAX_AGE_DAYS):
+    """Delete the key folders under `root` not used for `max_age_days`, except `keep`. Folders are
+    small (graphs without weights, 10 KB-1 MB) but every new command line or code change adds one."""
+    cutoff = time.time() - max_age_days * 86400
+    for folder in root.iterdir():
+        try:
+            if folder.is_dir() and folder.name != keep.name and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # another process pruned it first
+
+
 def enable_compile_cache(device_target, mode, cpu_threads, argv=None):
     """Point MindSpore's compile cache at this run's keyed folder (or leave it off). Returns the folder."""
     global _cache_guard
@@ -218,6 +234,8 @@ def enable_compile_cache(device_target, mode, cpu_threads, argv=None):
     folder = root / compile_cache_key(device_target, mode, cpu_threads, argv)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # its age is since its last use
+        prune_compile_cache(root, keep=folder)
     except OSError as exc:
         print(f"note: no compile cache ({exc}); set LATTE_COMPILE_CACHE=DIR or 0", file=sys.stderr)
         return None

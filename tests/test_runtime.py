@@ -172,3 +172,16 @@ def test_compile_cache_leaves_jit_training_steps_uncached(tmp_path):
     second = _run(tmp_path, "2", jit_step="1")
     assert second["loaded"] == 2  # the Cell graphs before it
     assert second["outs"][-1] == first["outs"][-1] and np.isfinite(second["outs"][-1]).all()
+
+
+def test_compile_cache_prunes_folders_unused_for_a_month(tmp_path):
+    import time
+    from models import runtime
+    old, recent, current = (tmp_path / name for name in ("old", "recent", "current"))
+    for folder in (old, recent, current):
+        (folder / "rank_0").mkdir(parents=True)
+    month_ago = time.time() - (runtime.CACHE_MAX_AGE_DAYS + 1) * 86400
+    os.utime(old, (month_ago, month_ago))
+    os.utime(current, (month_ago, month_ago))  # in use now: kept whatever its age
+    runtime.prune_compile_cache(tmp_path, keep=current)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "recent"]
