@@ -138,20 +138,32 @@ def measure(n, c, h, w, o, candidates=CANDIDATES):
     return result
 
 
-def choose(c, h, w, o):
+# (c, h, w, o, choice) of every `choose` in this process, in order: models.runtime's compile cache
+# records which choices a graph was compiled with, and reloads it only while they still hold.
+resolved = []
+
+
+def choose(c, h, w, o, measure_missing=True):
     """The convolution to use for frames (c, h, w) -> (o, h, w): forced by LATTE_CONV, im2col for
-    shapes too small to matter, else read from the on-disk cache or measured now (and saved)."""
+    shapes too small to matter, else read from the on-disk cache or measured now (and saved).
+    `measure_missing=False`: None instead of measuring a shape the cache lacks."""
     forced = os.environ.get("LATTE_CONV", "auto")
     if forced != "auto":
         if forced not in CANDIDATES:
             raise ValueError(f"LATTE_CONV={forced!r} is not one of auto, {', '.join(CANDIDATES)}")
-        return forced
-    if 9 * c * o * h * w < MIN_MACS:
-        return "im2col"
-    key = shape_key(c, h, w, o)
-    if key not in _load():
-        _measure_in_child(c, h, w, o)
-    return _load().get(key, "im2col")
+        choice = forced
+    elif 9 * c * o * h * w < MIN_MACS:
+        choice = "im2col"
+    else:
+        key = shape_key(c, h, w, o)
+        if key not in _load():
+            if not measure_missing:
+                return None
+            _measure_in_child(c, h, w, o)
+        choice = _load().get(key, "im2col")
+    if measure_missing:
+        resolved.append((c, h, w, o, choice))
+    return choice
 
 
 def _measure_in_child(c, h, w, o):

@@ -3,7 +3,13 @@
 Every command calls `setup_device` once, before any network is built, so that the same config key
 means the same thing in `ingest`, `train` and `sample`.
 """
+import hashlib
+import json
 import os
+import shutil
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("GLOG_v", "3")  # MindSpore's C++ logs drown the progress bars otherwise
 # Only effective when this module is imported before MindSpore (latte_cli sets it first too): the
@@ -20,7 +26,8 @@ _configured = None
 
 def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None):
     """Select the device and mode. `cpu_threads=1` is the default because on small (2-vCPU) hosts
-    one intra-op thread measured faster than two; pass 0 to leave MindSpore's own choice."""
+    one intra-op thread measured faster than two; pass 0 to leave MindSpore's own choice. In graph
+    mode compiled graphs are cached on disk (see enable_compile_cache; LATTE_COMPILE_CACHE=0: off)."""
     global _configured
     if device_target not in DEVICE_TARGETS:
         raise ValueError(f"device_target {device_target!r} is not one of {', '.join(DEVICE_TARGETS)}")
@@ -35,6 +42,7 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None):
             except RuntimeError:
                 pass  # already fixed by an earlier call in this process; keep the first setting
         _configured = key
+        enable_compile_cache(device_target, mode, cpu_threads)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     if seed is not None:
         ms.set_seed(int(seed))
@@ -44,3 +52,195 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None):
 def device_target():
     """The device selected by `setup_device` (CPU when nothing has been set yet)."""
     return _configured[0] if _configured else "CPU"
+
+
+# ---------------------------------------------------------------- compile cache
+# A graph takes 20-70 s to compile on CPU, every run. MindSpore can save compiled graphs
+# (MS_COMPILER_CACHE_ENABLE/PATH; the set_context keys are deprecated in 2.10) but its own check is
+# weak: it hashes only the Python files the entry script imports statically (latte_cli imports the
+# subcommands dynamically, so none of models/), and it loads graphs by their compile order alone. It
+# measured: a graph compiled for a (2, 8) input was loaded and run for a (3, 8) input, returning (2, 8).
+# The path is read once, at the first compile of the process. So the folder is keyed by everything
+# that can change a graph (see compile_cache_key), and a guard records the ordered input signatures
+# of the graphs compiled into a folder and switches the cache off for the rest of a process whose
+# sequence departs from it.
+
+_cache_guard = None  # _CompileGuard of this process, or None when the cache is off
+
+
+def _source_hash():
+    """sha256 over models/ (Python and C++ sources): any code change compiles afresh."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*.cc")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _run_hash(argv):
+    """The command line and the contents of the config files it names: graphs follow the config."""
+    digest = hashlib.sha256("\0".join(argv).encode())
+    for arg in argv:
+        path = Path(arg.split("=", 1)[-1])
+        if path.suffix in (".yaml", ".yml", ".json") and path.is_file():
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def compile_cache_key(device_target, mode, cpu_threads, argv=None):
+    """A short hash of what a cached graph depends on: the ISA key, MindSpore's and Python's versions,
+    the sources of models/, LATTE_CONV, device, mode, threads and the command line with its config
+    files. The measured convolution choices (a graph keeps the conv it was compiled with) are checked
+    per graph by _CompileGuard instead: hashing the choice file here would miss once more on every
+    run that measures a new shape."""
+    from models.cpu_features import isa_key
+    parts = [isa_key(), ms.__version__, sys.version, _source_hash(),
+             os.environ.get("LATTE_CONV", "auto"), device_target, mode, str(cpu_threads),
+             _run_hash(list(sys.argv if argv is None else argv))]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def compile_cache_root():
+    """The folder for compile caches, or None when LATTE_COMPILE_CACHE=0 switches them off."""
+    setting = os.environ.get("LATTE_COMPILE_CACHE", "")
+    if setting == "0":
+        return None
+    return Path(setting) if setting else Path.home() / ".cache" / "latte" / "compile"
+
+
+def _signature(obj, args):
+    """Name of the compiled cell/function and the shapes and dtypes of its tensor arguments."""
+    def walk(a):
+        if isinstance(a, (ms.Tensor, ms.Parameter)):
+            return f"{tuple(a.shape)}:{a.dtype}"
+        if isinstance(a, (tuple, list)):
+            return "(" + ",".join(walk(x) for x in a) + ")"
+        return type(a).__name__ if not isinstance(a, (int, float, bool, str)) else repr(a)
+    name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    return f"{name}{walk(args)}"
+
+
+class _CompileGuard:
+    """Records the distinct graph signatures in compile order, each with the convolution choices its
+    compile made, into `signatures_rank<R>.json` (a writing run: the folder was new) or checks them
+    against it (a reading run: same graph, and each recorded choice still what conv_select gives);
+    on the first departure it sets MS_COMPILER_CACHE_ENABLE=0, so that no later graph of this
+    process is loaded by position."""
+
+    def __init__(self, folder):
+        self.file = folder / f"signatures_rank{os.environ.get('RANK_ID', '0')}.json"
+        try:
+            self.expected = json.loads(self.file.read_text())
+            assert all({"graph", "convs"} <= set(entry) for entry in self.expected)
+        except (OSError, ValueError, TypeError, AssertionError):
+            self.expected = None
+            # graphs MindSpore saved without a manifest (a run killed before writing it) would be
+            # loaded by position unchecked: start the folder afresh
+            for stale in folder.glob("rank_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.seen = []
+        self.diverged = False
+
+    def stop(self):
+        self.diverged = True
+        os.environ["MS_COMPILER_CACHE_ENABLE"] = "0"
+
+    def check(self, sig):
+        """Before a compile: True when `sig` is a new graph of a writing run (record() follows)."""
+        if self.diverged or sig in [entry["graph"] for entry in self.seen]:
+            return False
+        self.seen.append({"graph": sig, "convs": []})
+        if self.expected is None:
+            return True
+        n = len(self.seen)
+        if n > len(self.expected) or self.expected[n - 1]["graph"] != sig or not self._convs_hold(n - 1):
+            self.stop()
+            print(f"note: compiled graphs differ from those cached in {self.file.parent}; "
+                  "compiling the rest of this run afresh", file=sys.stderr)
+        return False
+
+    def _convs_hold(self, index):
+        from models import conv_select
+        return all(conv_select.choose(c, h, w, o, measure_missing=False) == choice
+                   for c, h, w, o, choice in self.expected[index]["convs"])
+
+    def record(self, convs):
+        """After a writing run's compile: the conv choices it made, then the manifest (atomically)."""
+        self.seen[-1]["convs"] = sorted(set(convs))
+        tmp = self.file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.seen, indent=1))
+        os.replace(tmp, self.file)
+
+
+def _install_compile_hooks():
+    from mindspore.graph import api
+
+    def wrap(cls, guard):
+        original = cls.compile
+        if getattr(original, "_latte_guarded", False):
+            return
+
+        def compile(self, first, *args, **kwargs):
+            if _cache_guard is None or not guard(self, first, args):
+                return original(self, first, *args, **kwargs)
+            from models import conv_select
+            before = len(conv_select.resolved)
+            result = original(self, first, *args, **kwargs)
+            _cache_guard.record(tuple(x) for x in conv_select.resolved[before:])
+            return result
+        compile._latte_guarded = True
+        cls.compile = compile
+
+    def cell_graph(executor, obj, args):
+        return _cache_guard.check(_signature(obj, args))
+
+    def jit_function(executor, method, args):
+        # MindSpore binds a reloaded graph's weights only for a Cell (set_weights_values): the VAE's
+        # ms.jit methods reload bit-equal, but a cached ms.jit function that closes over parameters
+        # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
+        # first such compile ends caching for the rest of the process, before it is saved.
+        if isinstance(executor.obj, ms.nn.Cell):
+            return _cache_guard.check(_signature(executor.obj, args) + "." + str(method))
+        _cache_guard.stop()
+        return False
+
+    wrap(api._CellGraphExecutor, cell_graph)
+    wrap(api._JitExecutor, jit_function)
+
+
+CACHE_MAX_AGE_DAYS = 30  # folders unused this long are deleted (each new command line makes one)
+
+
+def prune_compile_cache(root, keep, max_age_days=CACHE_MAX_AGE_DAYS):
+    """Delete the key folders under `root` not used for `max_age_days`, except `keep`. Folders are
+    small (graphs without weights, 10 KB-1 MB) but every new command line or code change adds one."""
+    cutoff = time.time() - max_age_days * 86400
+    for folder in root.iterdir():
+        try:
+            if folder.is_dir() and folder.name != keep.name and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            pass  # another process pruned it first
+
+
+def enable_compile_cache(device_target, mode, cpu_threads, argv=None):
+    """Point MindSpore's compile cache at this run's keyed folder (or leave it off). Returns the folder."""
+    global _cache_guard
+    root = compile_cache_root()
+    if root is None or mode != "graph":
+        return None
+    if not Path(sys.argv[0]).is_file():
+        return None  # `python -c` / stdin: MindSpore's cache reads the entry script and fails without one
+    folder = root / compile_cache_key(device_target, mode, cpu_threads, argv)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # its age is since its last use
+        prune_compile_cache(root, keep=folder)
+    except OSError as exc:
+        print(f"note: no compile cache ({exc}); set LATTE_COMPILE_CACHE=DIR or 0", file=sys.stderr)
+        return None
+    _cache_guard = _CompileGuard(folder)
+    _install_compile_hooks()
+    os.environ["MS_COMPILER_CACHE_ENABLE"] = "1"
+    os.environ["MS_COMPILER_CACHE_PATH"] = str(folder)
+    return folder
