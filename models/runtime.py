@@ -69,11 +69,17 @@ _cache_guard = None  # _CompileGuard of this process, or None when the cache is 
 
 
 def _source_hash():
-    """sha256 over models/ (Python and C++ sources): any code change compiles afresh."""
-    root = Path(__file__).resolve().parent
+    """sha256 over the project's packages (Python and C++ sources) and the entry script: any code
+    change, in models/ or in whatever builds the networks, compiles afresh."""
+    project = Path(__file__).resolve().parent.parent
+    paths = [p for package in ("models", "cache_store", "ingest", "trainer", "sampler")
+             for p in sorted((project / package).glob("*.py")) + sorted((project / package).glob("*.cc"))]
+    paths += [project / "latte_cli.py", Path(sys.argv[0]).resolve()]
     digest = hashlib.sha256()
-    for path in sorted(root.glob("*.py")) + sorted(root.glob("*.cc")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in paths:
+        if path.is_file():
+            digest.update(str(path.relative_to(project) if path.is_relative_to(project) else path).encode()
+                          + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -117,7 +123,24 @@ def _signature(obj, args):
             return "(" + ",".join(walk(x) for x in a) + ")"
         return type(a).__name__ if not isinstance(a, (int, float, bool, str)) else repr(a)
     name = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    if isinstance(obj, ms.nn.Cell):
+        name += "#" + _cell_digest(obj)
     return f"{name}{walk(args)}"
+
+
+def _cell_digest(cell):
+    """What a Cell's graph depends on besides its arguments: its parameters' names, shapes and dtypes
+    (their values are bound at load) and its constant tensors, values included (they are folded into
+    the graph). Two networks of other widths can take the same inputs."""
+    digest = hashlib.sha256()
+    for key, param in cell.parameters_and_names():
+        digest.update(f"{key}{tuple(param.shape)}{param.dtype};".encode())
+    for prefix, sub in cell.cells_and_names():
+        for attr, value in sorted(vars(sub).items()):
+            if isinstance(value, ms.Tensor) and not isinstance(value, ms.Parameter):
+                digest.update(f"{prefix}.{attr}{tuple(value.shape)}{value.dtype};".encode())
+                digest.update(value.asnumpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 class _CompileGuard:

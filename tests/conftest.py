@@ -12,6 +12,9 @@ import pytest
 
 os.environ.setdefault("GLOG_v", "3")
 os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")  # as latte_cli does
+# Tests are hermetic: no compiled graph is taken from (or left in) ~/.cache between runs;
+# tests/test_runtime.py points the cache at its own folders explicitly.
+os.environ.setdefault("LATTE_COMPILE_CACHE", "0")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 

@@ -30,11 +30,13 @@ class Net(nn.Cell):
     def __init__(self):
         super().__init__()
         self.conv = Im2ColConv()
-        self.w = ms.Tensor(np.random.default_rng(0).standard_normal((4, 3, 3, 3), np.float32))
-        self.b = ms.Tensor(np.linspace(-1, 1, 4, dtype=np.float32))
+        width = int(os.environ.get("WIDTH", "4"))
+        self.w = ms.Tensor(np.random.default_rng(0).standard_normal((width, 3, 3, 3), np.float32))
+        self.b = ms.Tensor(np.linspace(-1, 1, width, dtype=np.float32))
+        self.p = ms.Parameter(ms.Tensor(np.ones(width, np.float32)), name="p")
         self.jitted = ms.jit(self.halve)  # how the VAE compiles its encoder and decoder
     def construct(self, x):
-        return ops.relu(self.conv(x, self.w, self.b)) * 2
+        return ops.relu(self.conv(x, self.w, self.b)) * self.p.reshape(1, -1, 1, 1) * 2
     def halve(self, x):
         return self.conv(x, self.w, self.b) * 0.5
 
@@ -75,10 +77,10 @@ print("RESULT " + json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH")
 """
 
 
-def _run(tmp_path, batches, cache="", jit_step="", selected_conv=""):
+def _run(tmp_path, batches, cache="", jit_step="", selected_conv="", width=4):
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="2", LATTE_KERNEL_DIR=str(tmp_path / "kernels"),
                LATTE_COMPILE_CACHE=cache or str(tmp_path / "compile"), BATCHES=batches, JIT_STEP=jit_step,
-               SELECTED_CONV=selected_conv)
+               SELECTED_CONV=selected_conv, WIDTH=str(width))
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
@@ -120,6 +122,15 @@ def test_compile_cache_never_loads_a_graph_of_other_shapes(tmp_path, monkeypatch
     assert [len(o) for o in swapped["outs"]] == [2, 2, 5, 5]
     assert swapped["loaded"] == 2  # the (2, ...) graphs, still in place
     assert "compiling the rest of this run afresh" in swapped["stderr"]
+
+
+def test_compile_cache_never_loads_the_graph_of_a_network_of_another_width(tmp_path):
+    """Same command line, same input shapes, another network (wider weights and constants): the
+    graphs of the first must not be loaded for the second."""
+    _run(tmp_path, "2")
+    wider = _run(tmp_path, "2", width=6)
+    assert wider["loaded"] == 0 and "compiling the rest of this run afresh" in wider["stderr"]
+    assert np.array(wider["outs"][0]).shape == (2, 6, 6, 6)
 
 
 def test_compile_cache_key_changes_with_model_sources(tmp_path, monkeypatch):
