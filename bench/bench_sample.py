@@ -28,7 +28,6 @@ Then, with our network only: the wall time of a whole DDIM-50 and a whole DDPM-2
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -196,15 +195,7 @@ def main():
     print(peer.machine_line())
     print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
           f"{args.cpu_threads} CPU thread(s), {args.rounds} rounds", flush=True)
-    py, why = peer.peer_python(args.peer_python)
-    if py:
-        check = subprocess.run([py, str(ROOT / "bench" / "check_torch_latte.py")], capture_output=True, text=True)
-        print("torch Latte vs the original's oracle: " + (check.stdout.strip().splitlines() or ["?"])[-1])
-        if check.returncode:
-            py, why = None, "bench/check_torch_latte.py failed: the torch Latte is not the original"
-    print(f"peer: the original Latte on torch ({py})" if py else f"torch peer SKIPPED: {why}")
-    if not args.mindone_path:
-        print("MindONE peer SKIPPED: no --mindone_path")
+    py = peer.latte_peers(args.peer_python, args.mindone_path)
     common = ["--steps", str(args.steps), "--cpu_threads", str(args.cpu_threads)]
     sides = {"ours": [sys.executable, __file__, "--role", "ours"] + common + ([] if args.full else ["--skip_full"]),
              "torch": [py, __file__, "--role", "torch"] + common if py else None,

@@ -27,7 +27,6 @@ measured fp32 matmul peak of this machine (same thread count).
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
 import types
@@ -260,15 +259,7 @@ def main():
         return run_one(args.only, args)
 
     print(peer.machine_line())
-    py, why = peer.peer_python(args.peer_python)
-    if py:
-        check = subprocess.run([py, str(ROOT / "bench" / "check_torch_latte.py")], capture_output=True, text=True)
-        print("torch Latte vs the original's oracle: " + (check.stdout.strip().splitlines() or ["?"])[-1])
-        if check.returncode:
-            py, why = None, "bench/check_torch_latte.py failed: the torch Latte is not the original"
-    print(f"peer: the original Latte on torch ({py})" if py else f"torch peer SKIPPED: {why}")
-    if not args.mindone_path:
-        print("MindONE peer SKIPPED: no --mindone_path")
+    py = peer.latte_peers(args.peer_python, args.mindone_path)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--cpu_threads", str(args.cpu_threads),
               "--depth", str(args.depth)]
     sides = {"ours": [sys.executable, __file__, "--only", "ours"] + common + ([] if args.peak else ["--no_peak"]),

@@ -68,6 +68,21 @@ def peer_python(path):
                   "(pip install -e .[bench]) or pass --peer_python PATH")
 
 
+def latte_peers(peer_python_arg, mindone_path):
+    """The interpreter of the original-Latte torch peer, checked against the original's oracle
+    outputs (None when absent or when the check fails), after printing what runs and what is skipped."""
+    py, why = peer_python(peer_python_arg)
+    if py:
+        check = subprocess.run([py, str(ROOT / "bench" / "check_torch_latte.py")], capture_output=True, text=True)
+        print("torch Latte vs the original's oracle: " + (check.stdout.strip().splitlines() or ["?"])[-1])
+        if check.returncode:
+            py, why = None, "bench/check_torch_latte.py failed: the torch Latte is not the original"
+    print(f"peer: the original Latte on torch ({py})" if py else f"torch peer SKIPPED: {why}")
+    if not mindone_path:
+        print("MindONE peer SKIPPED: no --mindone_path")
+    return py
+
+
 def run_child(cmd, env=None):
     """Run one child; return its RESULT dict, or None (its stderr tail printed) when it failed."""
     run = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
