@@ -5,6 +5,7 @@ import dataclasses
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -540,15 +541,24 @@ def test_resume_after_sigkill_equals_uninterrupted_run_and_tiny_model_learns(cac
 
 @pytest.mark.slow
 def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
-    out = tmp_path / "dp"
-    port = 20000 + os.getpid() % 20000
-    cmd = [str(Path(sys.executable).parent / "msrun"), "--worker_num=2", "--local_worker_num=2",
-           "--master_addr=127.0.0.1", f"--master_port={port}", "--join=True", f"--log_dir={tmp_path / 'logs'}",
-           str(ROOT / "latte_cli.py"), "train", "-c", TINY, "--cache_folder", cache, "--output_folder", str(out),
-           "--train_steps", "6", "--ckpt_every", "3", "--val_every", "0", "--use_parallel", "True",
-           "--batch_size", "2", "--gradient_accumulation_steps", "2", "--progress", "False"]
-    run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=500, cwd=tmp_path)
-    logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("worker_*.log")}
+    for attempt in (1, 2):
+        out, log_dir = tmp_path / f"dp{attempt}", tmp_path / f"logs{attempt}"
+        with socket.socket() as s:  # a free port, not one derived from the pid
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "msrun"), "--worker_num=2", "--local_worker_num=2",
+               "--master_addr=127.0.0.1", f"--master_port={port}", "--join=True", f"--log_dir={log_dir}",
+               str(ROOT / "latte_cli.py"), "train", "-c", TINY, "--cache_folder", cache, "--output_folder", str(out),
+               "--train_steps", "6", "--ckpt_every", "3", "--val_every", "0", "--use_parallel", "True",
+               "--batch_size", "2", "--gradient_accumulation_steps", "2", "--progress", "False"]
+        run = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=500, cwd=tmp_path)
+        logs = {p.name: p.read_text() for p in log_dir.glob("worker_*.log")}
+        finished = sum("weights fingerprint" in text for text in logs.values()) == 2
+        if run.returncode == 0 or not finished or attempt == 2:
+            break
+        # Seen once in four suite runs: both workers trained to the end (fingerprints logged) and msrun
+        # still exited 1 at MindSpore's cluster teardown. That launcher flake gets one more full run.
+        print(f"msrun exited {run.returncode} after both workers finished; running it once more")
     assert run.returncode == 0, run.stdout[-2000:] + "".join(logs.values())[-3000:]
     prints = sorted(line for text in logs.values() for line in text.splitlines() if "weights fingerprint" in line)
     assert len(prints) == 2 and prints[0].startswith("rank 0/2") and prints[1].startswith("rank 1/2")
