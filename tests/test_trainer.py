@@ -581,8 +581,12 @@ def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
             break
         # Seen once in four suite runs: both workers trained to the end (fingerprints logged) and msrun
         # still exited 1 at MindSpore's cluster teardown. That launcher flake gets one more full run.
-        print(f"msrun exited {run.returncode} after both workers finished; running it once more")
-    assert run.returncode == 0, run.stdout[-2000:] + "".join(logs.values())[-3000:]
+        # Which process msrun blamed (a worker's exit code or the scheduler) names the cause next time.
+        blamed = [line for line in (run.stdout + run.stderr).splitlines() if "exit with exception" in line]
+        sched = log_dir / "scheduler.log"
+        print(f"msrun exited {run.returncode} after both workers finished ({blamed}; scheduler log: "
+              f"{sched.read_text()[-500:] if sched.exists() else None!r}); running it once more")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + "".join(logs.values())[-3000:]
     prints = sorted(line for text in logs.values() for line in text.splitlines() if "weights fingerprint" in line)
     assert len(prints) == 2 and prints[0].startswith("rank 0/2") and prints[1].startswith("rank 1/2")
     assert prints[0].split()[-1] == prints[1].split()[-1]  # identical parameters on both ranks
