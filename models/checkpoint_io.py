@@ -385,7 +385,8 @@ def step_checkpoints(folder):
     """[(step, path)] of the `step_<n>.safetensors` files in `folder`, newest first (not verified)."""
     if not os.path.isdir(folder):
         return []
-    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder) if (m := STEP_FILE.match(name))]
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+             if (m := STEP_FILE.match(name))]
     return sorted(found, reverse=True)
 
 
