@@ -14,8 +14,8 @@ import threading
 
 import cache_store
 from ingest.config import IngestConfig
-from ingest.pipeline import _first_line, prepare
-from models.config import parse_config
+from ingest.pipeline import prepare
+from models.config import first_line, parse_config
 
 
 def _sigterm_as_interrupt(signum, frame):
@@ -46,7 +46,7 @@ def main(argv=None):
     try:
         job = prepare(cfg, setup_device=True)
     except (ValueError, OSError) as err:
-        print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
+        print(f"latte ingest: error: {first_line(err)}", file=sys.stderr)
         return 2
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -54,13 +54,13 @@ def main(argv=None):
     try:
         job.run()
     except cache_store.StorageError as err:  # the object store went away mid-run: commits are kept
-        print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
+        print(f"latte ingest: error: {first_line(err)}", file=sys.stderr)
         return 1
     except ValueError as err:  # another process took this shard between prepare()'s check and now
-        print(f"latte ingest: error: {_first_line(err)}", file=sys.stderr)
+        print(f"latte ingest: error: {first_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:  # e.g. the disk filled up mid-run: finished entries are committed
-        print(f"latte ingest: error: {_first_line(err)}; rerun the same command to go on", file=sys.stderr)
+        print(f"latte ingest: error: {first_line(err)}; rerun the same command to go on", file=sys.stderr)
         return 1
     finally:
         if previous is not None:

@@ -34,6 +34,7 @@ from ingest.reader_thread import Batch, Begin, End, Fail, Prefetcher, Row
 from ingest.shards import resolve_shards
 from ingest.sources import discover_entries
 from ingest.vae_setup import build_vae, describe_vae, encode, warm_up
+from models.config import first_line
 
 __all__ = ["IngestJob", "IngestResult", "prepare", "run_ingest", "status_lines", "resolve_shards",
            "describe_vae", "build_vae", "warm_up", "encode", "Prefetcher"]
@@ -83,11 +84,6 @@ def status_lines(r):
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-
-def _first_line(err):
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
 
 def _check_cache_folder(path):
     """A one-line error now if the cache folder cannot be written; creates nothing."""
@@ -180,7 +176,7 @@ class IngestJob:
                     try:
                         writer.append(mean[:n], std[:n])
                     except ValueError as err:  # latents not finite (or beyond float16): this entry fails
-                        self._finish(writer, e, "failed", _first_line(err), opened.source_frames, bar_entries,
+                        self._finish(writer, e, "failed", first_line(err), opened.source_frames, bar_entries,
                                      bar_frames, opened.frames - done)
                         opened, dead = None, e.id
                         continue

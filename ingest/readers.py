@@ -29,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ingest.sources import EntryError
 from ingest.transforms import transform_frames
+from models.config import first_line
 
 # Importing decord first makes a later `import mindspore` abort the process ("random_device could
 # not be read"); the other order works, and every user of these readers needs MindSpore anyway.
@@ -97,7 +98,7 @@ def to_rgb8(img):
 
 def _short(err):
     """First line of an exception without decord's '[time] /src/file.cc:61: ' prefix, capped."""
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = first_line(err)
     if msg.startswith("[") and "] " in msg:
         msg = msg.split("] ", 1)[1]
         if ".cc:" in msg.split(" ", 1)[0]:

@@ -17,7 +17,9 @@ import io
 import json
 import os
 import pickle
+import re
 import struct
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -326,25 +328,43 @@ def write_safetensors(path, tensors, metadata=None, dtype="fp32", prefix=None, s
 
 
 def verify_checksum(path):
-    """Check the checksum of a file `write_safetensors` wrote, reading the data in chunks. Returns
-    the metadata; raises CheckpointFormatError naming the file if it fails or has no checksum."""
+    """Check the checksum of a file `write_safetensors` wrote (or a format-1 training checkpoint's,
+    which covers the data only), reading the data in chunks. Returns the metadata; raises
+    CheckpointFormatError naming the file if it fails or has no checksum."""
     entries, metadata, start = read_header(path)
     stored = metadata.get(CHECKSUM_KEY)
     if stored is None:
         raise CheckpointFormatError(f"{path}: has no checksum")
-    crc = zlib.crc32(_header_digest(entries, metadata))
-    with open(path, "rb") as f:
-        for name in sorted(entries):
-            begin, end = entries[name]["data_offsets"]
-            f.seek(start + begin)
-            while begin < end:
-                chunk = f.read(min(_CHUNK, end - begin))
-                if not chunk:
-                    break
-                crc, begin = zlib.crc32(chunk, crc), begin + len(chunk)
+    if metadata.get("format") in DATA_ONLY_CHECKSUM_FORMATS:
+        crc = _data_only_crc(path, start)
+    else:
+        crc = zlib.crc32(_header_digest(entries, metadata))
+        with open(path, "rb") as f:
+            for name in sorted(entries):
+                begin, end = entries[name]["data_offsets"]
+                f.seek(start + begin)
+                while begin < end:
+                    chunk = f.read(min(_CHUNK, end - begin))
+                    if not chunk:
+                        break
+                    crc, begin = zlib.crc32(chunk, crc), begin + len(chunk)
     if f"crc32:{crc:08x}" != stored:
         raise CheckpointFormatError(f"{path}: checksum mismatch: the file is corrupt")
     return metadata
+
+
+# Training checkpoints of format 1 checksummed the bytes after the header only; such runs still
+# resume (trainer/checkpoint.py) and sample, so every reader checks them the same way.
+DATA_ONLY_CHECKSUM_FORMATS = ("latte-ms-train/1",)
+
+
+def _data_only_crc(path, start):
+    crc = 0
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def verify_if_checksummed(path):
@@ -352,6 +372,35 @@ def verify_if_checksummed(path):
     checksum; a safetensors file written elsewhere has none and is only checked for its layout."""
     if CHECKSUM_KEY in read_header(path)[1]:
         verify_checksum(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the step files of a training run: `latte train --resume auto` and `latte sample --checkpoint RUN`
+# ----------------------------------------------------------------------------------------------------
+
+STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+def step_checkpoints(folder):
+    """[(step, path)] of the `step_<n>.safetensors` files in `folder`, newest first (not verified)."""
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder)
+             if (m := STEP_FILE.match(name))]
+    return sorted(found, reverse=True)
+
+
+def newest_good_checkpoint(folder, verify=verify_if_checksummed, warn=None, errors=(CheckpointFormatError,)):
+    """(path, what `verify` returned) of the newest step file in `folder` that `verify` accepts, or
+    (None, None). Each newer one it refuses (raising one of `errors`, whose message names the file) is
+    skipped with a warning: a run killed mid-save, or a file damaged since, costs one checkpoint."""
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for _, path in step_checkpoints(folder):
+        try:
+            return path, verify(path)
+        except errors as err:
+            warn(f"warning: skipping checkpoint {err}")
+    return None, None
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import time
 import numpy as np
 import yaml
 
-from models.checkpoint_io import CheckpointFormatError, read_header, verify_if_checksummed
+from models.checkpoint_io import (CheckpointFormatError, newest_good_checkpoint, read_header, step_checkpoints,
+                                  verify_if_checksummed)
 from models.config import ConfigError, first_line, parse_config
 from models.registry import latte_kwargs, same_architecture, variant_sizes
 from sampler.config import SampleConfig
@@ -49,15 +50,10 @@ def resolve_checkpoint(path, warn=None):
                           "folder, or a `latte convert` output)")
     if os.path.isdir(path):
         for folder in (os.path.join(path, "checkpoints"), path):
-            steps = sorted((name for name in os.listdir(folder) if name.startswith("step_")
-                            and name.endswith(".safetensors")), reverse=True) if os.path.isdir(folder) else []
-            for name in steps:
-                try:
-                    verify_if_checksummed(os.path.join(folder, name))
-                    return os.path.join(folder, name)
-                except CheckpointFormatError as err:
-                    warn(f"warning: skipping checkpoint {err}")
-            if steps:
+            newest, _ = newest_good_checkpoint(folder, warn=warn)
+            if newest:
+                return newest
+            if step_checkpoints(folder):
                 raise ConfigError(f"checkpoint folder {folder} holds no undamaged step_*.safetensors: pass another "
                                   f"checkpoint")
         raise ConfigError(f"checkpoint folder {path} holds no step_*.safetensors: pass a checkpoint file")

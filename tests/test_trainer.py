@@ -474,21 +474,44 @@ def test_fp16_overflow_drops_the_update_and_keeps_the_weights():
 # whole runs (subprocesses, graph mode)
 # ------------------------------------------------------------------------------------------------
 
+# `latte train` that blocks, once step LATTE_TEST_STOP_AT's loss is in log.jsonl, until it is killed
+# (after creating LATTE_TEST_FLAG): the kill lands at that step however fast the machine runs.
+STOP_DRIVER = """import os, sys, time
+sys.path.insert(0, {root!r})
+from trainer import logs
+stop, write = int(os.environ['LATTE_TEST_STOP_AT']), logs.JsonlLog.write
+def write_then_block(self, record):
+    write(self, record)
+    if record.get('step') == stop and 'loss' in record:
+        open(os.environ['LATTE_TEST_FLAG'], 'w').close()
+        while True:
+            time.sleep(1)
+logs.JsonlLog.write = write_then_block
+import latte_cli
+sys.exit(latte_cli.main(sys.argv[1:]))
+"""
+
+
 def _kill_and_resume(common, cut):
+    driver, flag = cut.parent / "train_stop_driver.py", Path(f"{cut}.stopped")
+    driver.write_text(STOP_DRIVER.format(root=str(ROOT)))
     errors = open(f"{cut}.stderr", "w")
-    victim = subprocess.Popen(_train_cmd(*common, "--output_folder", cut, "--val_every", 0), env=ENV, cwd=cut.parent,
+    # Killed a few steps past its step-50 checkpoint: that work must be lost and redone.
+    argv = _train_cmd(*common, "--output_folder", cut, "--val_every", 0)[2:]  # what follows latte_cli.py
+    victim = subprocess.Popen([sys.executable, str(driver), *argv],
+                              env={**ENV, "LATTE_TEST_STOP_AT": "53", "LATTE_TEST_FLAG": str(flag)}, cwd=cut.parent,
                               stdout=subprocess.DEVNULL, stderr=errors)
     try:
-        # Kill it a few steps past its step-50 checkpoint: that work must be lost and redone.
-        deadline = time.time() + 400
-        while max(_losses(cut), default=0) < 53 and time.time() < deadline:
+        deadline = time.monotonic() + 400  # a bound for a hung run, not a speed
+        while not flag.exists():
             assert victim.poll() is None, Path(f"{cut}.stderr").read_text()[-3000:]
-            time.sleep(0.02)
+            assert time.monotonic() < deadline, "never reached step 53"
+            time.sleep(0.05)
     finally:
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         errors.close()
-    assert max(_losses(cut)) > 50, "killed before it trained past the checkpoint"
+    assert max(_losses(cut)) == 53, "not stopped at step 53"
     # a longer or shorter schedule on resume must load all the same
     resumed = subprocess.run(_train_cmd(*common, "--output_folder", cut, "--resume", "auto", "--train_steps", 100,
                                         "--val_every", 0),
@@ -558,8 +581,12 @@ def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
             break
         # Seen once in four suite runs: both workers trained to the end (fingerprints logged) and msrun
         # still exited 1 at MindSpore's cluster teardown. That launcher flake gets one more full run.
-        print(f"msrun exited {run.returncode} after both workers finished; running it once more")
-    assert run.returncode == 0, run.stdout[-2000:] + "".join(logs.values())[-3000:]
+        # Which process msrun blamed (a worker's exit code or the scheduler) names the cause next time.
+        blamed = [line for line in (run.stdout + run.stderr).splitlines() if "exit with exception" in line]
+        sched = log_dir / "scheduler.log"
+        print(f"msrun exited {run.returncode} after both workers finished ({blamed}; scheduler log: "
+              f"{sched.read_text()[-500:] if sched.exists() else None!r}); running it once more")
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:] + "".join(logs.values())[-3000:]
     prints = sorted(line for text in logs.values() for line in text.splitlines() if "weights fingerprint" in line)
     assert len(prints) == 2 and prints[0].startswith("rank 0/2") and prints[1].startswith("rank 1/2")
     assert prints[0].split()[-1] == prints[1].split()[-1]  # identical parameters on both ranks

@@ -2,8 +2,8 @@
 parallelism (msrun).
 
 - trainer.config      TrainConfig, the schema of configs/training/*.yaml
-- trainer.data        which entries qualify, the deterministic (seed, epoch, rank) sample order,
-                      the GeneratorDataset source
+- trainer.data        which entries qualify, how a clip is read, the GeneratorDataset source
+- trainer.draws       the deterministic sample order by global position, the batch layout
 - trainer.optim       AdamW with torch semantics (fused kernel), EMA, lr schedule, fp16 loss scale
 - trainer.step        TrainStep: the compiled loss / gradient / update step
 - trainer.checkpoint  atomic, checksummed checkpoints; `--resume auto` finds the newest valid one

@@ -21,18 +21,17 @@ models/checkpoint_io.py; this module keeps the policy: naming, what is stored, p
 """
 import json
 import os
-import re
-import sys
 
 import numpy as np
 
-from models.checkpoint_io import CheckpointFormatError, map_safetensors, read_header, verify_checksum, write_safetensors
+from models.checkpoint_io import (DATA_ONLY_CHECKSUM_FORMATS, CheckpointFormatError, map_safetensors,
+                                  newest_good_checkpoint, read_header, step_checkpoints, verify_checksum,
+                                  write_safetensors)
 
 FORMAT = "latte-ms-train/2"
 # Format 1 checksummed the data only; such a file is still accepted (its header is not covered).
-LEGACY_FORMATS = ("latte-ms-train/1",)
+LEGACY_FORMATS = DATA_ONLY_CHECKSUM_FORMATS
 STATE_KEY, CONFIG_KEY, NET_KEY = "latte_train_state", "latte_train_config", "latte_convert_metadata"
-NAME = re.compile(r"^step_(\d+)\.safetensors$")
 TEMP_PREFIX = ".step_"
 
 
@@ -55,29 +54,14 @@ def save(path, tensors, state, config, net_config=None):
     write_safetensors(path, tensors, metadata, prefix=TEMP_PREFIX)
 
 
-def _legacy_data_checksum(path, metadata, start):
-    import zlib
-    crc = 0
-    with open(path, "rb") as f:
-        f.seek(start)
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    if f"crc32:{crc:08x}" != metadata.get("checksum"):
-        raise CheckpointFormatError(f"{path}: checksum mismatch: the file is corrupt")
-
-
 def verify(path):
-    """Check a checkpoint end to end (layout, checksum of header and data) without keeping the data in
-    memory; returns its metadata with the JSON fields decoded. Raises CheckpointError."""
+    """Check a checkpoint end to end (layout, checksum of header and data, or of the data only for
+    LEGACY_FORMATS) without keeping the data in memory; returns its metadata with the JSON fields
+    decoded. Raises CheckpointError."""
     try:
-        _, metadata, start = read_header(path)
-        if metadata.get("format") in LEGACY_FORMATS:
-            _legacy_data_checksum(path, metadata, start)
-        elif metadata.get("format") != FORMAT:
+        if read_header(path)[1].get("format") not in (FORMAT, *LEGACY_FORMATS):
             raise CheckpointError(f"{path}: header is damaged or not a {FORMAT} checkpoint")
-        else:
-            verify_checksum(path)
-        return _decode(metadata, path)
+        return _decode(verify_checksum(path), path)
     except CheckpointFormatError as err:
         raise CheckpointError(str(err)) from None
     except OSError as err:
@@ -111,23 +95,13 @@ def load(path):
 
 def list_checkpoints(output_folder):
     """[(step, path)] of the checkpoint files in `output_folder`, newest first (not verified)."""
-    folder = checkpoint_dir(output_folder)
-    if not os.path.isdir(folder):
-        return []
-    found = [(int(m.group(1)), os.path.join(folder, name)) for name in os.listdir(folder) if (m := NAME.match(name))]
-    return sorted(found, reverse=True)
+    return step_checkpoints(checkpoint_dir(output_folder))
 
 
 def find_resume(output_folder, warn=None):
     """(path, metadata) of the newest valid checkpoint, or (None, None). Each damaged newer one is
     skipped with a warning naming it."""
-    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for _, path in list_checkpoints(output_folder):
-        try:
-            return path, verify(path)
-        except CheckpointError as err:
-            warn(f"warning: skipping checkpoint {err}")
-    return None, None
+    return newest_good_checkpoint(checkpoint_dir(output_folder), verify, warn, errors=CheckpointError)
 
 
 def prune(output_folder, keep):

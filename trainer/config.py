@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from models.config import ConfigError
 from models.dtypes import DTYPE_NAMES, device_dtype_problem
 from models.registry import MODEL_NAMES
+from trainer.draws import BatchLayout
 
 
 # Keys that fix the network's shapes: a resumed run must agree with its checkpoint on these.
@@ -40,21 +41,21 @@ RESULT_NEUTRAL_KEYS = frozenset({
 # What one optimizer step averages over: world size x batch_size x gradient_accumulation_steps clips
 # (the world size comes from the launcher and is kept in the checkpoint's sampler state). Only their
 # product, the global batch, fixes what a run computes: every sample's order and randomness is keyed
-# by its global position (trainer/data.py), so a resume may trade ranks for accumulation steps (elastic
+# by its global position (trainer/draws.py), so a resume may trade ranks for accumulation steps (elastic
 # resume) and differ only in how a step's float sums are split. `resume_changes` compares
 # `global_batch(layout)`, never the factors.
 BATCH_KEYS = ("world_size", "batch_size", "gradient_accumulation_steps")
 
 
-def batch_layout(config, world_size):
-    """{key of BATCH_KEYS: value} of a config (a TrainConfig or its dict) run on `world_size` ranks."""
+def batch_layout(config, world_size, rank=0):
+    """The `BatchLayout` of a config (a TrainConfig or its dict) run on `world_size` ranks."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
-    return {"world_size": world_size, "batch_size": get("batch_size"),
-            "gradient_accumulation_steps": get("gradient_accumulation_steps")}
+    return BatchLayout(world_size, get("batch_size"), get("gradient_accumulation_steps"), rank)
 
 
 def global_batch(layout):
-    return layout["world_size"] * layout["batch_size"] * layout["gradient_accumulation_steps"]
+    """Clips per optimizer step, as `BatchLayout` defines it."""
+    return layout.global_batch
 
 
 def resume_changes(saved, cfg, saved_world_size, world_size):
