@@ -357,9 +357,11 @@ def main():
                       f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
         torch_mm = (res.get("torch") or [{}])[0].get("block_matmul_ms")
         if ours[0].get("block_matmul_ms") and torch_mm:
-            print("block matmuls, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); every block does these:")
+            print("block matmuls, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); "
+                  "every block does these:")
             for case, ms_ in ours[0]["block_matmul_ms"].items():
-                print(f"  {case:14s} {ms_:7.1f} / {torch_mm[case]:7.1f}  ({peer.ratio(torch_mm[case], ms_)} torch's speed)")
+                speed = peer.ratio(torch_mm[case], ms_)
+                print(f"  {case:14s} {ms_:7.1f} / {torch_mm[case]:7.1f}  ({speed} torch's speed)")
             a, b = sum(ours[0]["block_matmul_ms"].values()), sum(torch_mm.values())
             print(f"  all            {a:7.1f} / {b:7.1f}  ({peer.ratio(b, a)} torch's speed); x {args.depth} blocks "
                   f"= {a * args.depth / 1e3:.2f} of our {peer.median(ours, 'cpu_s_per_step'):.2f} CPU-s per step")
