@@ -23,7 +23,10 @@ unchanged. MindONE's `mindone/__init__` needs omegaconf, which is stubbed (never
 
 Each model runs in its own child process so that its peak memory (max RSS) is its own. Reported:
 seconds per step (median after warm-up), the ratio, peak RSS, and our achieved GFLOP/s against the
-measured fp32 matmul peak of this machine (same thread count).
+measured fp32 matmul peak of this machine (same thread count). `--block_matmuls` also times, in each
+child after its steps, the matmuls every block does (forward, input and weight gradient of qkv, proj,
+fc1, fc2) in CPU-seconds: matmuls are most of the step, so this shows how much of the ratio is the
+matmul library (MindSpore's vs torch's) rather than the network code.
 """
 import argparse
 import os
@@ -169,6 +172,55 @@ def matmul_peak(n=2048, repeats=7):
     return 2 * n ** 3 / min(times) / 1e9
 
 
+# The block's Linear layers at Latte-S/2's shape: (rows, in, out) for qkv, proj, fc1, fc2.
+BLOCK_MATMULS = [(4096, 384, 1152), (4096, 384, 384), (4096, 384, 1536), (4096, 1536, 384)]
+
+
+def time_block_matmuls(matmul_fns, repeats=5):
+    """{"in->out fwd|dx|dW": best CPU ms} for the block's matmuls, forward (x @ w.T), input gradient
+    (dy @ w) and weight gradient (dy.T @ x). `matmul_fns(m, k, n)` returns {case: zero-arg callable}.
+    CPU-seconds, best of `repeats`: the question is how fast each library multiplies, not the load."""
+    out = {}
+    for m, k, n in BLOCK_MATMULS:
+        for case, fn in matmul_fns(m, k, n).items():
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                c0 = time.process_time()
+                fn()
+                best = min(best, time.process_time() - c0)
+            out[f"{k}->{n} {case}"] = 1e3 * best
+    return out
+
+
+def ms_matmul_fns(m, k, n):
+    import mindspore as ms
+    from mindspore import ops
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((m, k), (n, k), (m, n)))
+    nt, nn_, tn = ops.MatMul(transpose_b=True), ops.MatMul(), ops.MatMul(transpose_a=True)
+
+    def fwd(a, b):
+        return nt(a, b)
+
+    def dx(a, b):
+        return nn_(a, b)
+
+    def dw(a, b):
+        return tn(a, b)
+
+    fwd, dx, dw = ms.jit(fwd), ms.jit(dx), ms.jit(dw)
+    return {"fwd": lambda: fwd(x, w).asnumpy(), "dx": lambda: dx(dy, w).asnumpy(), "dW": lambda: dw(dy, x).asnumpy()}
+
+
+def torch_matmul_fns(m, k, n):
+    import torch
+
+    x, w, dy = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+    return {"fwd": lambda: x @ w.t(), "dx": lambda: dy @ w, "dW": lambda: dy.t() @ x}
+
+
 def run_one(which, args):
     """Child process: build one model, time its training step; print a JSON line."""
     from models.runtime import setup_device
@@ -208,6 +260,8 @@ def run_one(which, args):
            "fused_kernels": int(bool(getattr(net, "fused_kernels", False)))}
     if which == "ours" and args.peak:
         out["matmul_peak_gflops"] = matmul_peak()
+    if which == "ours" and args.block_matmuls:
+        out["block_matmul_ms"] = time_block_matmuls(ms_matmul_fns)
     peer.report(out)
 
 
@@ -235,9 +289,12 @@ def run_torch(args):
         elif i >= args.warmup:
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
-    peer.report({"s_per_step": float(np.median(times)), "first_step_s": t_first,
-                 "cpu_s_per_step": float(np.median(cpu_times)),
-                 "params": int(sum(p.numel() for p in net.parameters())), "loss": loss})
+    out = {"s_per_step": float(np.median(times)), "first_step_s": t_first,
+           "cpu_s_per_step": float(np.median(cpu_times)),
+           "params": int(sum(p.numel() for p in net.parameters())), "loss": loss}
+    if args.block_matmuls:
+        out["block_matmul_ms"] = time_block_matmuls(torch_matmul_fns)
+    peer.report(out)
 
 
 def main():
@@ -252,6 +309,9 @@ def main():
                    help="blocks of every network (12 is Latte-S/2; fewer only where memory is short)")
     p.add_argument("--only", choices=("ours", "mindone", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--no_peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
+    p.add_argument("--block_matmuls", action="store_true",
+                   help="after the steps, time the block's matmuls (forward, input and weight gradient) in each "
+                        "child, CPU-seconds: how much of the ratio is the matmul library")
     args = p.parse_args()
     if args.only == "torch":
         return run_torch(args)
@@ -261,7 +321,7 @@ def main():
     print(peer.machine_line())
     py = peer.latte_peers(args.peer_python, args.mindone_path)
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--cpu_threads", str(args.cpu_threads),
-              "--depth", str(args.depth)]
+              "--depth", str(args.depth)] + (["--block_matmuls"] if args.block_matmuls else [])
     sides = {"ours": [sys.executable, __file__, "--only", "ours"] + common + ([] if args.peak else ["--no_peak"]),
              "torch": [py, __file__, "--only", "torch"] + common if py else None,
              "mindone": ([sys.executable, __file__, "--only", "mindone", "--mindone_path", args.mindone_path]
@@ -295,6 +355,16 @@ def main():
                 cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
                 print(f"ours vs {which}: {peer.ratio(t, t_ours)} its steps/s (CPU-s: {cpu}); peak memory "
                       f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
+        torch_mm = (res.get("torch") or [{}])[0].get("block_matmul_ms")
+        if ours[0].get("block_matmul_ms") and torch_mm:
+            print("block matmuls, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); "
+                  "every block does these:")
+            for case, ms_ in ours[0]["block_matmul_ms"].items():
+                speed = peer.ratio(torch_mm[case], ms_)
+                print(f"  {case:14s} {ms_:7.1f} / {torch_mm[case]:7.1f}  ({speed} torch's speed)")
+            a, b = sum(ours[0]["block_matmul_ms"].values()), sum(torch_mm.values())
+            print(f"  all            {a:7.1f} / {b:7.1f}  ({peer.ratio(b, a)} torch's speed); x {args.depth} blocks "
+                  f"= {a * args.depth / 1e3:.2f} of our {peer.median(ours, 'cpu_s_per_step'):.2f} CPU-s per step")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,34 @@ int bias_gelu_bwd(int, void **params, int *ndims, int64_t **shapes, const char *
   return 0;
 }
 
+// The MLP's backward without a saved GELU output: inputs z, b, dy -> dz, db as bias_gelu_bwd, plus
+// y = gelu_tanh(z + b) recomputed in the same pass (fc2's weight gradient needs it). So the forward
+// keeps only z, not the (rows, 4D) activation as well.
+int bias_gelu_bwd_recompute(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *z = static_cast<const float *>(params[0]);
+  const float *b = static_cast<const float *>(params[1]);
+  const float *dy = static_cast<const float *>(params[2]);
+  float *dz = static_cast<float *>(params[3]);
+  float *db = static_cast<float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  const int64_t k = shapes[1][0], m = numel(ndims[0], shapes[0]) / k;
+  std::memset(db, 0, k * sizeof(float));
+  for (int64_t r = 0; r < m; r++) {
+    const float *zr = z + r * k, *dyr = dy + r * k;
+    float *dzr = dz + r * k, *yr = y + r * k;
+#pragma omp simd
+    for (int64_t j = 0; j < k; j++) {
+      float x = zr[j] + b[j], x2 = x * x;
+      float s = 1.0f / (1.0f + exp_approx(-x * (kGeluA + kGeluAB * x2)));
+      float g = dyr[j] * (s + x * s * (1.0f - s) * (kGeluA + 3.0f * kGeluAB * x2));
+      dzr[j] = g;
+      db[j] += g;
+      yr[j] = x * s;
+    }
+  }
+  return 0;
+}
+
 // LayerNorm (no affine, eps 1e-6) then adaLN modulation: y = xhat * (1 + scale[n]) + shift[n].
 // x (N, M, D), shift, scale (N, 1, D) -> y (N, M, D)
 namespace {

@@ -186,6 +186,52 @@ class BiasGELU(nn.Cell):
         return self.bwd(z, b, dout)
 
 
+_bmm = ops.BatchMatMul()
+_bmm_nt = ops.BatchMatMul(transpose_b=True)
+_bmm_tn = ops.BatchMatMul(transpose_a=True)
+_matmul = ops.MatMul()
+_matmul_nt = ops.MatMul(transpose_b=True)
+_matmul_tn = ops.MatMul(transpose_a=True)
+
+
+class BiasGELUProject(nn.Cell):
+    """gelu_tanh(z + b) @ w.T for 2-D z (M, K), b (K,), w (D, K): the MLP after fc1's matmul, without
+    fc2's bias (the block's gated residual adds it). The (M, K) GELU output is not kept for the
+    backward: `bias_gelu_bwd_recompute` writes it again in the pass that computes dz, for fc2's
+    weight gradient. Saves one (tokens x 4D) float32 tensor per block (25 MB at Latte-S/2's shape)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gelu = _op("bias_gelu_fwd", _same, _same)
+        self.bwd = _op("bias_gelu_bwd_recompute", lambda z, b, dy: (z, b, z), lambda z, b, dy: (z, b, z))
+
+    def construct(self, z, b, w):
+        return _matmul_nt(self.gelu(z, b), w)
+
+    def bprop(self, z, b, w, out, dout):
+        dz, db, y = self.bwd(z, b, _matmul(dout, w))
+        return dz, db, _matmul_tn(dout, y)
+
+
+class Attention(nn.Cell):
+    """softmax(q @ k.T) @ v for q, k, v (B, H, L, hd) (q already scaled). The backward recomputes
+    the probabilities from q and k (one more batched matmul and softmax) instead of keeping them:
+    (B, H, L, L) is 4x q's size in a spatial block (L = 256 tokens, hd = 64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.softmax = _op("softmax_fwd", _same, _same)
+        self.softmax_bwd = _op("softmax_bwd", lambda y, dy: y, lambda y, dy: y)
+
+    def construct(self, q, k, v):
+        return _bmm(self.softmax(_bmm_nt(q, k)), v)
+
+    def bprop(self, q, k, v, out, dout):
+        p = self.softmax(_bmm_nt(q, k))
+        ds = self.softmax_bwd(p, _bmm_nt(dout, v))
+        return _bmm(ds, k), _bmm_tn(ds, q), _bmm_tn(p, dout)
+
+
 class NormModulate(nn.Cell):
     """LayerNorm (no affine, eps 1e-6) then adaLN modulation, x (N, M, D), shift/scale (N, 1, D).
     Returns y alone (`latte._NormModulate` also returns what its backward reuses); the backward

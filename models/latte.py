@@ -228,6 +228,9 @@ class Attention(nn.Cell):
         merge_cells = plain_cells if recompute else cells
         self.merge_spatial = merge_cells.HeadsMerge(num_heads, temporal=False)
         self.merge_temporal = merge_cells.HeadsMerge(num_heads, temporal=True)
+        # Spatial attention's (B, H, T, T) probabilities are the largest tensor a block keeps for the
+        # backward; the fused cell recomputes them there instead (temporal ones are 16x smaller: kept).
+        self.attend_spatial = cpu_kernels.Attention() if fused_kernels and not recompute else None
 
     def construct(self, x, temporal=False):
         """x (N, F, T, D) -> (N, F*T, D). Spatial: attention over the T tokens of each frame;
@@ -246,6 +249,8 @@ class Attention(nn.Cell):
         elif self.cast:  # matmuls in the compute dtype, the softmax in float32
             attn = self.softmax(self.bmm_qk(q.astype(self.dtype), k.astype(self.dtype)).astype(ms.float32))
             out = self.bmm_pv(attn.astype(self.dtype), v.astype(self.dtype)).astype(ms.float32)
+        elif self.attend_spatial is not None and not temporal:
+            out = self.attend_spatial(q, k, v)
         else:
             out = self.bmm_pv(self.softmax(self.bmm_qk(q, k)), v)
         return self.proj.matmul(merge(out, shape_ref)).reshape(n, f * t, d)
@@ -260,9 +265,16 @@ class Mlp(nn.Cell):
         self.fc1 = Linear(in_features, hidden_features, dtype)
         self.act = (cpu_kernels if fused_kernels else plain_cells).BiasGELU()
         self.fc2 = Linear(hidden_features, in_features, dtype)
+        # fused: GELU and fc2's matmul in one cell whose backward recomputes the GELU output
+        self.act_fc2 = cpu_kernels.BiasGELUProject() if fused_kernels else None
 
     def construct(self, x):
-        return self.fc2.matmul(self.act(self.fc1.matmul(x), self.fc1.bias))
+        z = self.fc1.matmul(x)
+        if self.act_fc2 is not None:
+            shape = z.shape
+            out = self.act_fc2(z.reshape(-1, shape[-1]), self.fc1.bias, self.fc2.weight)
+            return out.reshape(shape[:-1] + (self.fc2.out_features,))
+        return self.fc2.matmul(self.act(z, self.fc1.bias))
 
 
 class TransformerBlock(nn.Cell):

@@ -59,6 +59,26 @@ def test_softmax_equals_plain_including_large_logits():
     assert_same_fn(cpu_kernels.Softmax(), plain_cells.Softmax(), (x,))
 
 
+def test_bias_gelu_project_equals_gelu_then_matmul():
+    """The MLP cell whose backward recomputes the GELU output (not kept from the forward)."""
+    z = rand(11, 24) * 3
+
+    def plain(z, b, w):
+        return ops.matmul(plain_cells.BiasGELU()(z, b), w.T)
+
+    assert_same_fn(cpu_kernels.BiasGELUProject(), plain, (z, rand(24, seed=1), rand(8, 24, seed=2)))
+
+
+def test_attention_recomputing_probabilities_equals_plain():
+    """The attention cell whose backward recomputes softmax(q k^T) instead of keeping it."""
+    q, k, v = rand(2, 3, 7, 4) * 2, rand(2, 3, 7, 4, seed=1), rand(2, 3, 7, 4, seed=2)
+
+    def plain(q, k, v):
+        return ops.BatchMatMul()(plain_cells.Softmax()(ops.BatchMatMul(transpose_b=True)(q, k)), v)
+
+    assert_same_fn(cpu_kernels.Attention(), plain, (q, k, v))
+
+
 @pytest.mark.parametrize("temporal", [False, True])
 def test_qkv_split_and_heads_merge_are_the_attention_layouts(temporal):
     n, f, t, heads, hd = 2, 3, 5, 2, 4
