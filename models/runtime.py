@@ -218,10 +218,11 @@ def _install_compile_hooks():
         return _cache_guard.check(_signature(obj, args))
 
     def jit_function(executor, method, args):
-        # MindSpore binds a reloaded graph's weights only for a Cell (set_weights_values): the VAE's
-        # ms.jit methods reload bit-equal, but a cached ms.jit function that closes over parameters
-        # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
-        # first such compile ends caching for the rest of the process, before it is saved.
+        # MindSpore binds a reloaded graph's weights only for an ms.jit method of a Cell, from the
+        # Cell's parameters_dict (set_weights_values). A cached ms.jit function outside a Cell that
+        # closes over parameters ran to loss NaN at its first step, measured (the training step
+        # before trainer/step.py made it StepGraphs' methods). So the first such compile ends
+        # caching for the rest of the process, before it is saved.
         if isinstance(executor.obj, ms.nn.Cell):
             return _cache_guard.check(_signature(executor.obj, args) + "." + str(method))
         _cache_guard.stop()
