@@ -178,9 +178,10 @@ def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path
     np.testing.assert_allclose(b, a, rtol=0, atol=conv_select.TOLERANCE * np.abs(a).max() * 2)
 
 
-def test_compile_cache_leaves_jit_training_steps_uncached(tmp_path):
-    """Reloaded from the cache, trainer/step.py's ms.jit step gave loss NaN at its first step
-    (measured on `latte train`): the first ms.jit compile ends caching for its process."""
+def test_compile_cache_leaves_jit_functions_outside_a_cell_uncached(tmp_path):
+    """Reloaded from the cache, an ms.jit step outside a Cell (trainer/step.py's before StepGraphs)
+    gave loss NaN at its first step, measured on `latte train`: MindSpore binds weights only for
+    Cells. The first such compile ends caching for its process."""
     first = _run(tmp_path, "2", jit_step="1")
     second = _run(tmp_path, "2", jit_step="1")
     assert second["loaded"] == 2  # the Cell graphs before it
