@@ -83,8 +83,16 @@ def _source_hash():
     return digest.hexdigest()
 
 
+# flags whose value names where results go and never changes a graph: a run into a new folder reuses
+# the graphs of the same command into another
+_OUTPUT_FLAGS = ("--output_folder",)
+
+
 def _run_hash(argv):
-    """The command line and the contents of the config files it names: graphs follow the config."""
+    """The command line (less the output folder) and the contents of the config files it names:
+    graphs follow the config."""
+    argv = [a for i, a in enumerate(argv)
+            if not (a.split("=", 1)[0] in _OUTPUT_FLAGS or (i and argv[i - 1] in _OUTPUT_FLAGS))]
     digest = hashlib.sha256("\0".join(argv).encode())
     for arg in argv:
         path = Path(arg.split("=", 1)[-1])

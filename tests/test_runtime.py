@@ -158,6 +158,16 @@ def test_compile_cache_key_changes_with_forced_conv_and_config(tmp_path, monkeyp
     assert len({before, after_config, forced}) == 3
 
 
+def test_compile_cache_key_ignores_the_output_folder(tmp_path):
+    """A training run into a new --output_folder compiles the same graphs: it reuses the folder."""
+    from models import runtime
+    argv = ["latte", "train", "-c", "x.yaml", "--output_folder", "runs/a", "--train_steps", "2"]
+    key = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    assert key == runtime.compile_cache_key("CPU", "graph", 1, [a.replace("runs/a", "runs/b") for a in argv])
+    assert key == runtime.compile_cache_key("CPU", "graph", 1, argv[:4] + ["--output_folder=runs/c"] + argv[6:])
+    assert key != runtime.compile_cache_key("CPU", "graph", 1, argv[:-1] + ["3"])
+
+
 def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path):
     """A graph keeps the convolution it was compiled with: after the choice file changes (re-measured
     on another load, or edited), that graph is compiled afresh, never reloaded with the old conv."""
