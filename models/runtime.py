@@ -83,8 +83,16 @@ def _source_hash():
     return digest.hexdigest()
 
 
+# flags whose value names where results go and never changes a graph: a run into a new folder reuses
+# the graphs of the same command into another
+_OUTPUT_FLAGS = ("--output_folder",)
+
+
 def _run_hash(argv):
-    """The command line and the contents of the config files it names: graphs follow the config."""
+    """The command line (less the output folder) and the contents of the config files it names:
+    graphs follow the config."""
+    argv = [a for i, a in enumerate(argv)
+            if not (a.split("=", 1)[0] in _OUTPUT_FLAGS or (i and argv[i - 1] in _OUTPUT_FLAGS))]
     digest = hashlib.sha256("\0".join(argv).encode())
     for arg in argv:
         path = Path(arg.split("=", 1)[-1])
@@ -218,10 +226,11 @@ def _install_compile_hooks():
         return _cache_guard.check(_signature(obj, args))
 
     def jit_function(executor, method, args):
-        # MindSpore binds a reloaded graph's weights only for a Cell (set_weights_values): the VAE's
-        # ms.jit methods reload bit-equal, but a cached ms.jit function that closes over parameters
-        # (trainer/step.py's training step) ran to loss NaN at its first step, measured. So the
-        # first such compile ends caching for the rest of the process, before it is saved.
+        # MindSpore binds a reloaded graph's weights only for an ms.jit method of a Cell, from the
+        # Cell's parameters_dict (set_weights_values). A cached ms.jit function outside a Cell that
+        # closes over parameters ran to loss NaN at its first step, measured (the training step
+        # before trainer/step.py made it StepGraphs' methods). So the first such compile ends
+        # caching for the rest of the process, before it is saved.
         if isinstance(executor.obj, ms.nn.Cell):
             return _cache_guard.check(_signature(executor.obj, args) + "." + str(method))
         _cache_guard.stop()

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, os, sys
 import numpy as np
+import pytest
 from models.runtime import setup_device
 import models.runtime as runtime
 setup_device("CPU", "graph", cpu_threads=1)
@@ -156,6 +158,16 @@ def test_compile_cache_key_changes_with_forced_conv_and_config(tmp_path, monkeyp
     assert len({before, after_config, forced}) == 3
 
 
+def test_compile_cache_key_ignores_the_output_folder(tmp_path):
+    """A training run into a new --output_folder compiles the same graphs: it reuses the folder."""
+    from models import runtime
+    argv = ["latte", "train", "-c", "x.yaml", "--output_folder", "runs/a", "--train_steps", "2"]
+    key = runtime.compile_cache_key("CPU", "graph", 1, argv)
+    assert key == runtime.compile_cache_key("CPU", "graph", 1, [a.replace("runs/a", "runs/b") for a in argv])
+    assert key == runtime.compile_cache_key("CPU", "graph", 1, argv[:4] + ["--output_folder=runs/c"] + argv[6:])
+    assert key != runtime.compile_cache_key("CPU", "graph", 1, argv[:-1] + ["3"])
+
+
 def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path):
     """A graph keeps the convolution it was compiled with: after the choice file changes (re-measured
     on another load, or edited), that graph is compiled afresh, never reloaded with the old conv."""
@@ -176,9 +188,10 @@ def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path
     np.testing.assert_allclose(b, a, rtol=0, atol=conv_select.TOLERANCE * np.abs(a).max() * 2)
 
 
-def test_compile_cache_leaves_jit_training_steps_uncached(tmp_path):
-    """Reloaded from the cache, trainer/step.py's ms.jit step gave loss NaN at its first step
-    (measured on `latte train`): the first ms.jit compile ends caching for its process."""
+def test_compile_cache_leaves_jit_functions_outside_a_cell_uncached(tmp_path):
+    """Reloaded from the cache, an ms.jit step outside a Cell (trainer/step.py's before StepGraphs)
+    gave loss NaN at its first step, measured on `latte train`: MindSpore binds weights only for
+    Cells. The first such compile ends caching for its process."""
     first = _run(tmp_path, "2", jit_step="1")
     second = _run(tmp_path, "2", jit_step="1")
     assert second["loaded"] == 2  # the Cell graphs before it
@@ -196,3 +209,62 @@ def test_compile_cache_prunes_folders_unused_for_a_month(tmp_path):
     os.utime(current, (month_ago, month_ago))  # in use now: kept whatever its age
     runtime.prune_compile_cache(tmp_path, keep=current)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "recent"]
+
+
+# ------------------------------------------------------------------------------------------------
+# the training step (trainer/step.py's StepGraphs) through the cache
+# ------------------------------------------------------------------------------------------------
+
+def _train(tmp_path, name, cache, *args):
+    """A tiny `latte train` (baseline validation at step 0, 2 steps) in a fresh process; returns its
+    losses, grad norms, final checkpoint tensors, how many graphs it loaded from the cache and stderr."""
+    from safetensors.numpy import load_file
+    from trainer.logs import read_log
+    out = tmp_path / name
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="2", LATTE_KERNEL_DIR=str(tmp_path / "kernels"),
+               LATTE_COMPILE_CACHE=cache)
+    # the same command line each time (it keys the cache folder): the output folder is moved aside after
+    cmd = [sys.executable, str(ROOT / "latte_cli.py"), "train", "-c", str(ROOT / "configs/training/tiny_cache.yaml"),
+           "--progress", "False", "--cache_folder", str(tmp_path / "latents"), "--output_folder",
+           str(tmp_path / "out"), "--train_steps", "2", *args]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (tmp_path / "out").rename(out)
+    records = read_log(str(out / "log.jsonl"))
+    tensors = load_file(str(next((out / "checkpoints").glob("step_0000002.safetensors"))))
+    return {"stats": [(r["step"], r.get("loss"), r.get("grad_norm"), r.get("val_loss")) for r in records
+                      if "loss" in r or "val_loss" in r],
+            "tensors": tensors, "loaded": run.stderr.count("Use the compilation cache"), "stderr": run.stderr}
+
+
+@pytest.mark.parametrize("accumulation", [1, 2], ids=["fused", "buffered"])
+def test_compile_cache_reloads_the_training_step_bit_equal(tmp_path, accumulation):
+    """A repeated `latte train` loads its step's graphs (fused; or accumulate/finish/apply) and the
+    validation graph from the cache, and its losses, grad norms and final weights, EMA and optimizer
+    moments equal the first run's and an uncached run's exactly. A reloaded ms.jit step outside a
+    Cell got no weights bound and ran to loss NaN at step 1."""
+    from latent_cache import make_latent_cache
+    make_latent_cache(tmp_path / "latents", num_entries=10, frames=(6, 12), latent_size=8, seed=0, short_entries=1)
+    args = ("--gradient_accumulation_steps", accumulation)
+    args = tuple(map(str, args))
+    cache = str(tmp_path / "compile")
+    first = _train(tmp_path, "first", cache, *args)
+    manifest = next(Path(cache).rglob("signatures_rank0.json"))
+    graphs = json.loads(manifest.read_text())
+    saved = sorted(Path(cache).rglob("*.mindir"))
+    names = [g["graph"].rsplit(".", 1)[-1] for g in graphs]
+    assert names == (["_eval_loss", "_fused_step"] if accumulation == 1 else
+                     ["_eval_loss", "_accumulate_step", "_finish_step", "_apply_step"]), names
+    assert first["loaded"] == 0 and len(saved) == len(graphs)
+    second = _train(tmp_path, "second", cache, *args)
+    assert second["loaded"] == len(graphs) and "differ" not in second["stderr"]
+    assert [p.name for p in Path(cache).iterdir() if p.is_dir()] == [manifest.parent.name]  # one folder, reused
+    assert sorted(Path(cache).rglob("*.mindir")) == saved
+    uncached = _train(tmp_path, "uncached", "0", *args)
+    assert uncached["loaded"] == 0
+    assert all(np.isfinite(v) for s in second["stats"] for v in s[1:] if v is not None)
+    assert second["stats"] == first["stats"] == uncached["stats"]
+    assert second["tensors"].keys() == first["tensors"].keys() == uncached["tensors"].keys()
+    for name, value in first["tensors"].items():
+        assert np.array_equal(second["tensors"][name], value), name
+        assert np.array_equal(uncached["tensors"][name], value), name

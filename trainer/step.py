@@ -13,7 +13,7 @@ repeats the uninterrupted one exactly. Two paths:
 import numpy as np
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 from trainer.optim import EMA, AdamW, clip_coefficient, global_norm
 
@@ -22,33 +22,32 @@ def _f32(x):
     return Tensor(np.float32(x))
 
 
-class TrainStep:
-    def __init__(self, net, diffusion, cfg, world_size=1, jit=True):
+class StepGraphs(nn.Cell):
+    """The step's compiled pieces, as `ms.jit` methods of a Cell that owns every Parameter they read
+    or write: the network (a sub-cell), the AdamW moments, the EMA shadows and the accumulation
+    buffers (ParameterTuples). MindSpore's compile cache binds a reloaded graph's weights by name
+    from its Cell's parameters_dict (set_weights_values); a reloaded graph of a plain function has
+    nothing to bind them from and ran to loss NaN at its first step, measured. auto_prefix=False
+    keeps the names the checkpoints use (`blocks.0...`, `exp_avg.*`, `ema.*`)."""
+
+    def __init__(self, net, diffusion, cfg, world_size=1):
+        super().__init__(auto_prefix=False)
         self.net, self.diffusion = net, diffusion
         self.params = list(net.trainable_params())
         self.conditional = cfg.num_classes > 0
-        self.accum_steps = cfg.gradient_accumulation_steps
-        self.fp16 = cfg.dtype == "fp16"
         self.clip = cfg.clip_max_norm > 0
         self.world_size = world_size
         self.optimizer = AdamW(self.params, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_eps, cfg.weight_decay)
         self.ema = EMA(self.params)
-        self.buffered = self.accum_steps > 1 or self.fp16
-        self.accum = ([Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accum.{p.name}", requires_grad=False)
-                       for p in self.params] if self.buffered else [])
+        self.moments = ParameterTuple(self.optimizer.exp_avg + self.optimizer.exp_avg_sq)
+        self.ema_shadow = ParameterTuple(self.ema.shadow)
+        buffered = cfg.gradient_accumulation_steps > 1 or cfg.dtype == "fp16"
+        self.accum = (ParameterTuple(Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"accum.{p.name}",
+                                               requires_grad=False) for p in self.params) if buffered else ())
         if world_size > 1:
             self.reducer = nn.DistributedGradReducer(self.params, mean=True, degree=world_size)
             self.allreduce = ops.AllReduce()
         self._grad_fn = ms.value_and_grad(self._loss, None, self.params, has_aux=True)
-        wrap = ms.jit if jit else (lambda f: f)
-        self._fused = wrap(self._fused_step)
-        self._accumulate = wrap(self._accumulate_step)
-        self._finish = wrap(self._finish_step)
-        self._apply = wrap(self._apply_step)
-        self._zero = wrap(self._zero_step)
-        self._eval = wrap(self._eval_loss)
-
-    # -- graph pieces -----------------------------------------------------------------------------
 
     def _terms(self, x0, t, noise, y):
         kwargs = {"y": y} if self.conditional else None
@@ -106,7 +105,26 @@ class TrainStep:
     def _eval_loss(self, x0, t, noise, y):
         return self._terms(x0, t, noise, y)["loss"]
 
-    # -- host side --------------------------------------------------------------------------------
+
+class TrainStep:
+    """Host side of the step: turns numpy micro-batches into one optimizer update through the
+    compiled pieces of StepGraphs (`jit=False`: the same pieces run eagerly, for tests)."""
+
+    def __init__(self, net, diffusion, cfg, world_size=1, jit=True):
+        self.graphs = StepGraphs(net, diffusion, cfg, world_size)
+        self.net, self.diffusion = net, diffusion
+        self.params, self.optimizer, self.ema = self.graphs.params, self.graphs.optimizer, self.graphs.ema
+        self.accum = list(self.graphs.accum)
+        self.accum_steps = cfg.gradient_accumulation_steps
+        self.buffered = bool(self.accum)
+        wrap = ms.jit if jit else (lambda f: f)
+        g = self.graphs
+        self._fused = wrap(g._fused_step)
+        self._accumulate = wrap(g._accumulate_step)
+        self._finish = wrap(g._finish_step)
+        self._apply = wrap(g._apply_step)
+        self._zero = wrap(g._zero_step)
+        self._eval = wrap(g._eval_loss)
 
     def __call__(self, micro_batches, step, lr, max_norm, ema_decay, loss_scale=1.0):
         """One optimizer update from `micro_batches` (list of (x0, t, noise, y) numpy arrays, one
