@@ -337,3 +337,38 @@ def test_non_finite_latents_stop_sampling_with_an_error(files, tmp_path, capsys)
     assert err[-1].startswith("latte sample: error: ") and "not finite (NaN or inf)" in err[-1]
     assert str(path) in err[-1]
     assert not out.exists()  # no black videos written
+
+
+def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, monkeypatch):
+    """Each tensor's pages of the file map are dropped once copied into its Parameter: while loading,
+    at most about one tensor of the file is resident (the kernel maps up to 64 KB around each fault),
+    instead of the map growing to a second copy of all the weights."""
+    from models.convert import load_weights
+
+    config = dict(TINY, hidden_size=256, num_heads=4)  # tensors of up to 1.5 MB, far above 64 KB
+    weights = _weights(config)
+    path = str(tmp_path / "w.safetensors")
+    save_weights(path, dict(weights), "safetensors", "fp32", None)  # it empties the dict it gets
+
+    def mapped_rss_kb():
+        rss, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                inside = head[-1] == path
+            elif inside and head[0] == "Rss:":
+                rss += int(head[1])
+        return rss
+
+    seen = []
+    set_data = ms.Parameter.set_data
+    monkeypatch.setattr(ms.Parameter, "set_data", lambda self, *a, **k: (seen.append(mapped_rss_kb()),
+                                                                           set_data(self, *a, **k))[1])
+    net = Latte(**config)
+    load_weights(net, path)
+    largest_kb = max(v.nbytes for v in weights.values()) // 1024
+    size_kb = os.path.getsize(path) // 1024
+    assert len(seen) == len(weights) and size_kb > 4 * largest_kb
+    assert max(seen) <= largest_kb + 256, f"up to {max(seen)} KB of the {size_kb} KB file resident while loading"
+    for name, p in net.parameters_dict().items():
+        np.testing.assert_array_equal(p.asnumpy(), weights[name])
