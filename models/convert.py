@@ -473,7 +473,9 @@ def _drop_mapped_pages(array):
     """Unmap the file pages under `array`, a view of a safetensors file map already copied out: they
     would otherwise stay resident (counted in RSS) until the whole map is closed, a second copy of the
     weights at the loading peak (+124 MB for Latte-S/2's EMA, measured). The page cache keeps them,
-    so a page shared with a tensor not yet copied is simply read back in."""
+    so a page shared with a tensor not yet copied is simply read back in (as would be any page of a
+    wrong range: dropping is always safe on a read-only map). `map_safetensors` maps from offset 0,
+    so the root array starts where the map does."""
     root = array
     while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
         root = root.base
