@@ -120,7 +120,7 @@ def child(args):
     if args.role == "torch":
         return child_torch(args)
     from models.runtime import setup_device
-    setup_device("CPU", mode="graph", cpu_threads=args.cpu_threads, seed=0)
+    setup_device("CPU", mode="graph", cpu_threads=args.cpu_threads, seed=0, reuse_memory=True)  # as latte sample
     import mindspore as ms
 
     rng = np.random.default_rng(0)

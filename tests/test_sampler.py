@@ -372,3 +372,32 @@ def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, mo
     assert max(seen) <= largest_kb + 256, f"up to {max(seen)} KB of the {size_kb} KB file resident while loading"
     for name, p in net.parameters_dict().items():
         np.testing.assert_array_equal(p.asnumpy(), weights[name])
+
+
+def test_latte_sample_sets_up_the_device_with_memory_reuse(files, tmp_path, monkeypatch):
+    """`latte sample` asks setup_device for SOMAS buffer reuse (24 MB less peak for Latte-S/2)."""
+    import models.runtime
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before loading anything
+
+    monkeypatch.setattr(models.runtime, "setup_device", record)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(files, out=tmp_path)
+    assert calls and calls[0].get("reuse_memory") is True
+
+
+def test_setup_device_with_memory_reuse_selects_optimize_level_o1():
+    """In a fresh process (the setting holds for the first setup_device of a process only)."""
+    import subprocess
+    import sys
+
+    code = ("from models.runtime import setup_device; setup_device('CPU', 'pynative', 1, reuse_memory=True); "
+            "import mindspore as ms; print(ms.get_context('memory_optimize_level'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "GLOG_v": "3"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "1"  # O1 (MindSpore reports 0 by default)
