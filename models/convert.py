@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -460,11 +461,29 @@ def load_weights(net, path, group=None, prefix=None):
         value = values.pop(name)
         if isinstance(value, np.ndarray):
             target = {ms.float32: np.float32, ms.float16: np.float16}.get(param.dtype)
-            value = ms.Tensor(np.ascontiguousarray(value, dtype=target))  # copies out of the file map
+            mapped, value = value, ms.Tensor(np.ascontiguousarray(value, dtype=target))  # copies out of the file map
+            _drop_mapped_pages(mapped)
         if value.dtype != param.dtype:
             value = value.astype(param.dtype)
         param.set_data(value)
     return list(params)
+
+
+def _drop_mapped_pages(array):
+    """Unmap the file pages under `array`, a view of a safetensors file map already copied out: they
+    would otherwise stay resident (counted in RSS) until the whole map is closed, a second copy of the
+    weights at the loading peak (+124 MB for Latte-S/2's EMA, measured). The page cache keeps them,
+    so a page shared with a tensor not yet copied is simply read back in (as would be any page of a
+    wrong range: dropping is always safe on a read-only map). `map_safetensors` maps from offset 0,
+    so the root array starts where the map does."""
+    root = array
+    while isinstance(root, np.ndarray) and not isinstance(root.base, mmap.mmap):
+        root = root.base
+    if not isinstance(root, np.ndarray) or not hasattr(mmap, "MADV_DONTNEED") or not array.nbytes:
+        return  # not file-mapped (BF16 widened, .ckpt), or no madvise here
+    start = array.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    root.base.madvise(mmap.MADV_DONTNEED, first, start + array.nbytes - first)
 
 
 def _group_hint(path, prefix, values, params):

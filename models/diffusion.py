@@ -13,6 +13,8 @@ Differences from the image DiT code, all following Latte:
 
 Random numbers in the samplers: see `GaussianDiffusion.p_sample_loop`.
 """
+import ctypes
+import ctypes.util
 import math
 
 import numpy as np
@@ -141,6 +143,29 @@ def _standard_normal(shape, rng=None):
         rows = np.stack([np.asarray(g.standard_normal(shape[1:])) for g in rng])
         return Tensor(np.tile(rows, (shape[0] // k,) + (1,) * (len(shape) - 1)).astype(np.float32))
     return Tensor(np.asarray(rng.standard_normal(shape)).astype(np.float32))
+
+
+def release_freed_heap():
+    """Hand the heap pages of freed allocations back to the OS (glibc `malloc_trim`); True if it ran.
+
+    A graph compile frees ~50 MB of working memory (Latte-S/2, measured) that glibc keeps resident in
+    holes of its heap, under the activations of every call after it; see `_compile_then_release`.
+    A no-op off glibc."""
+    global _libc
+    if _libc is None:
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+            _libc = _libc if _libc and hasattr(_libc, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+_libc = None  # the C library once looked up, False where it has no malloc_trim
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +433,8 @@ class GaussianDiffusion:
         img = self._initial_noise(shape, noise, rng)
         for i in self._indices(progress):
             t = Tensor(np.full((shape[0],), i, dtype=np.int32))
+            if i == self.num_timesteps - 1:
+                self._compile_then_release(model, img, t, model_kwargs)
             out = self.p_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                 cond_fn=cond_fn, model_kwargs=model_kwargs,
                                 noise=_standard_normal(shape, rng))
@@ -433,11 +460,22 @@ class GaussianDiffusion:
         img = self._initial_noise(shape, noise, rng)
         for i in self._indices(progress):
             t = Tensor(np.full((shape[0],), i, dtype=np.int32))
+            if i == self.num_timesteps - 1:
+                self._compile_then_release(model, img, t, model_kwargs)
             step_noise = None if eta == 0.0 else _standard_normal(shape, rng)
             out = self.ddim_sample(model, img, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
                                    cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, noise=step_noise)
             yield out
             img = out["sample"]
+
+    def _compile_then_release(self, model, x, t, model_kwargs):
+        """Graph mode, a network Cell: compile its graph for this batch before the first step runs it,
+        then return what the compile freed to the OS (`release_freed_heap`), so that the step's
+        activations do not come on top of it: the sampling run's peak RSS, ~50 MB less for Latte-S/2.
+        The step's own call then finds the graph compiled (the same arguments)."""
+        if isinstance(model, ms.nn.Cell) and ms.get_context("mode") == ms.GRAPH_MODE:
+            model.compile(x, self._model_timesteps(t), **(model_kwargs or {}))
+            release_freed_heap()
 
     @staticmethod
     def _initial_noise(shape, noise, rng):

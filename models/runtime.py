@@ -24,10 +24,13 @@ MODES = ("graph", "pynative")
 _configured = None
 
 
-def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None):
+def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, reuse_memory=False):
     """Select the device and mode. `cpu_threads=1` is the default because on small (2-vCPU) hosts
     one intra-op thread measured faster than two; pass 0 to leave MindSpore's own choice. In graph
-    mode compiled graphs are cached on disk (see enable_compile_cache; LATTE_COMPILE_CACHE=0: off)."""
+    mode compiled graphs are cached on disk (see enable_compile_cache; LATTE_COMPILE_CACHE=0: off).
+    `reuse_memory`: graphs plan their buffers' reuse (MindSpore's SOMAS, memory optimize level O1),
+    for the first call of a process only: Latte-S/2 sampling measured 24 MB less peak RSS, same step
+    and compile CPU time (the sampler sets it; training's memory is left as it was measured)."""
     global _configured
     if device_target not in DEVICE_TARGETS:
         raise ValueError(f"device_target {device_target!r} is not one of {', '.join(DEVICE_TARGETS)}")
@@ -42,6 +45,11 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None):
             except RuntimeError:
                 pass  # already fixed by an earlier call in this process; keep the first setting
         _configured = key
+        if reuse_memory:
+            try:
+                ms.runtime.set_memory(optimize_level="O1")
+            except RuntimeError:
+                pass  # the process set its memory already; keep that
         enable_compile_cache(device_target, mode, cpu_threads)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     if seed is not None:

@@ -311,7 +311,7 @@ def sample(cfg):
     """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
     new folder under `output_folder`; returns that folder."""
     from models.runtime import setup_device
-    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed)
+    setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed, reuse_memory=True)
 
     from models import read_metadata
     from models.diffusion import create_diffusion

@@ -122,6 +122,32 @@ def test_sampling_shape_and_same_seed_same_videos(uncond, method):
     assert np.abs(a[0] - a[1]).mean() > 0.1  # each sample has its own noise
 
 
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_runs(uncond, method, monkeypatch):
+    """The graph compile's freed working memory goes back to the OS before the first step's activations
+    are allocated (the run's peak RSS), once per loop; the samples are the same as without."""
+    import models.diffusion as diffusion_module
+
+    diffusion = create_diffusion("4")
+    expected = sample_latents(uncond, diffusion, 1, seed=5, method=method)
+    events = []
+    compile_cell = type(uncond).compile
+    monkeypatch.setattr(type(uncond), "compile", lambda self, *a, **k: (events.append("compile"),
+                                                                        compile_cell(self, *a, **k))[1])
+    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: events.append("release"))
+    got = sample_latents(uncond, diffusion, 1, seed=5, method=method)
+    assert events[:2] == ["compile", "release"] and events.count("release") == 1, events
+    assert events.count("compile") == 1 + 4  # before the loop, then each step's call finds it compiled
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_release_freed_heap_runs_on_glibc():
+    import platform
+
+    from models.diffusion import release_freed_heap
+    assert release_freed_heap() is (platform.libc_ver()[0] == "glibc")
+
+
 def test_ddim_with_eta_draws_noise_and_differs_from_eta_zero(uncond):
     diffusion = create_diffusion("6")
     zero = sample_latents(uncond, diffusion, 1, seed=0, method="ddim")
@@ -311,3 +337,67 @@ def test_non_finite_latents_stop_sampling_with_an_error(files, tmp_path, capsys)
     assert err[-1].startswith("latte sample: error: ") and "not finite (NaN or inf)" in err[-1]
     assert str(path) in err[-1]
     assert not out.exists()  # no black videos written
+
+
+def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, monkeypatch):
+    """Each tensor's pages of the file map are dropped once copied into its Parameter: while loading,
+    at most about one tensor of the file is resident (the kernel maps up to 64 KB around each fault),
+    instead of the map growing to a second copy of all the weights."""
+    from models.convert import load_weights
+
+    config = dict(TINY, hidden_size=256, num_heads=4)  # tensors of up to 1.5 MB, far above 64 KB
+    weights = _weights(config)
+    path = str(tmp_path / "w.safetensors")
+    save_weights(path, dict(weights), "safetensors", "fp32", None)  # it empties the dict it gets
+
+    def mapped_rss_kb():
+        rss, inside = 0, False
+        for line in Path("/proc/self/smaps").read_text().splitlines():
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5:
+                inside = head[-1] == path
+            elif inside and head[0] == "Rss:":
+                rss += int(head[1])
+        return rss
+
+    seen = []
+    set_data = ms.Parameter.set_data
+    monkeypatch.setattr(ms.Parameter, "set_data", lambda self, *a, **k: (seen.append(mapped_rss_kb()),
+                                                                           set_data(self, *a, **k))[1])
+    net = Latte(**config)
+    load_weights(net, path)
+    largest_kb = max(v.nbytes for v in weights.values()) // 1024
+    size_kb = os.path.getsize(path) // 1024
+    assert len(seen) == len(weights) and size_kb > 4 * largest_kb
+    assert max(seen) <= largest_kb + 256, f"up to {max(seen)} KB of the {size_kb} KB file resident while loading"
+    for name, p in net.parameters_dict().items():
+        np.testing.assert_array_equal(p.asnumpy(), weights[name])
+
+
+def test_latte_sample_sets_up_the_device_with_memory_reuse(files, tmp_path, monkeypatch):
+    """`latte sample` asks setup_device for SOMAS buffer reuse (24 MB less peak for Latte-S/2)."""
+    import models.runtime
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise KeyboardInterrupt  # stop before loading anything
+
+    monkeypatch.setattr(models.runtime, "setup_device", record)
+    with pytest.raises(KeyboardInterrupt):
+        _cli(files, out=tmp_path)
+    assert calls and calls[0].get("reuse_memory") is True
+
+
+def test_setup_device_with_memory_reuse_selects_optimize_level_o1():
+    """In a fresh process (the setting holds for the first setup_device of a process only)."""
+    import subprocess
+    import sys
+
+    code = ("from models.runtime import setup_device; setup_device('CPU', 'pynative', 1, reuse_memory=True); "
+            "import mindspore as ms; print(ms.get_context('memory_optimize_level'))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "GLOG_v": "3"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "1"  # O1 (MindSpore reports 0 by default)
