@@ -215,9 +215,7 @@ class Im2ColConv(nn.Cell):
         self.band_conv = kernels.BandConv(3, down=False)
 
     def construct(self, x, w, b):
-        c, o = x.shape[1], w.shape[0]
-        wm = ops.concat([w.transpose(0, 2, 3, 1).reshape(o, 9 * c), b.reshape(o, 1)], 1)
-        return self.band_conv(x, wm)
+        return self.band_conv(x, w, b)
 
 
 class WinogradConv(nn.Cell):
@@ -238,14 +236,14 @@ class WinogradConv(nn.Cell):
         self.output_t = kernels._op(f"winograd{m}_output", lambda mm, b, x: [x[0], b[0], x[2], x[3]],
                                     lambda mm, b, x: mm)
         # the forward in one kernel, a band of tiles at a time: no (A2, C, N*T) / (A2, O, N*T) buffers
-        self.fused = kernels._op(f"winograd{m}_fused", lambda x, u, b: [x[0], u[1], x[2], x[3]],
-                                 lambda x, u, b: x)
+        self.fused = kernels._op(f"winograd{m}_fused", lambda x, w, b: [x[0], w[0], x[2], x[3]],
+                                 lambda x, w, b: x)
         self.im2col = kernels.Im2Col(3, down=False).fwd
         self.bmm = ops.BatchMatMul()
         self.bmm_tb = ops.BatchMatMul(transpose_b=True)
 
     def forward(self, x, w, b):
-        return self.fused(x, self.weight_t(w), b)
+        return self.fused(x, w, b)
 
     def unfused(self, x, w, b):
         """The same transforms with whole-batch buffers and MindSpore's BatchMatMul (the kernel

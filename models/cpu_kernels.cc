@@ -803,7 +803,7 @@ int winograd4_output(int, void **p, int *, int64_t **s, const char **, void *, v
 }  // extern "C"
 
 // ---- VAE: Winograd convolution a band of tiles at a time (no full-size transform buffer) ---------
-// winograd{m}_fused: x (N, C, H, W), U (A2, O, C) (= winograd{m}_weight), b (O,) -> y (N, O, H, W).
+// winograd{m}_fused: x (N, C, H, W), w (O, C, 3, 3), b (O,) -> y (N, O, H, W).
 // The separate kernels above need V (A2, C, N*T) and M (A2, O, N*T) for the whole batch at once:
 // 16x the input and 16x the output for F(2x2) (268 MB + 134 MB for the decoder's 256 -> 128
 // channel conv at 256 px), which set the VAE's peak memory. Here a band of tile rows (~256 tiles)
@@ -936,10 +936,14 @@ void band_output(const float *m, const float *bias, float *y, int64_t o, int64_t
 constexpr int64_t kBandTiles = 256;  // tiles per band: GEMMs wide enough for sgemm, V and M a few MB
 
 template <int M>
-void wino_fused(const float *x, const float *u, const float *bias, float *y, int64_t n, int64_t c, int64_t o,
+void wino_fused(const float *x, const float *wt, const float *bias, float *y, int64_t n, int64_t c, int64_t o,
                 int64_t h, int64_t w) {
   constexpr int A = Wino<M>::A;
   constexpr int A2 = A * A;
+  // U = G w G^T here rather than as a graph tensor: MindSpore's runtime may compute every layer's
+  // (weight-only) transform ahead of its conv and hold them all (16/9 of the weights for F(2x2))
+  float *u = new float[A2 * o * c];
+  wino_weight<M>(wt, u, o, c);
   const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, pw = tw * M + 2;
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(th, kBandTiles / tw));
   const int64_t max_band = band_rows * tw;
@@ -959,6 +963,7 @@ void wino_fused(const float *x, const float *u, const float *bias, float *y, int
       band_output<M>(mm, bias, yb, o, h, w, ty0, ty1, t, out);
     }
   }
+  delete[] u;
   delete[] v;
   delete[] mm;
   delete[] rows;
@@ -971,15 +976,15 @@ void wino_fused(const float *x, const float *u, const float *bias, float *y, int
 
 extern "C" {
 
-// inputs x (N, C, H, W), U (A2, O, C), b (O,) -> y (N, O, H, W)
+// inputs x (N, C, H, W), w (O, C, 3, 3), b (O,) -> y (N, O, H, W)
 int winograd2_fused(int, void **p, int *, int64_t **s, const char **, void *, void *) {
   wino_fused<2>(static_cast<const float *>(p[0]), static_cast<const float *>(p[1]), static_cast<const float *>(p[2]),
-                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][1], s[0][2], s[0][3]);
+                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][0], s[0][2], s[0][3]);
   return 0;
 }
 int winograd4_fused(int, void **p, int *, int64_t **s, const char **, void *, void *) {
   wino_fused<4>(static_cast<const float *>(p[0]), static_cast<const float *>(p[1]), static_cast<const float *>(p[2]),
-                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][1], s[0][2], s[0][3]);
+                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][0], s[0][2], s[0][3]);
   return 0;
 }
 // 1 when the GEMM is oneDNN's sgemm, 0 when it is the plain loop (for the bench's report)
@@ -988,8 +993,7 @@ int winograd_sgemm_found() { return find_sgemm() != nullptr; }
 }  // extern "C"
 
 // ---- VAE: im2col convolution a band of output rows at a time ---------------------------------------
-// conv_band_{same,down}: x (N, C, H, W), wm (O, k*k*C + 1) (the weight matrix of vae_layers.weight_matrix,
-// bias last) -> y (N, O, Ho, Wo) (Ho, Wo = H, W for "same", H/2, W/2 for "down"). The same sums as im2col_* + one matmul, but
+// conv_band_{same,down}: x (N, C, H, W), w (O, C, k, k), b (O,) -> y (N, O, Ho, Wo) (Ho, Wo = H, W for "same", H/2, W/2 for "down"). The same sums as im2col_* + one matmul, but
 // the im2col matrix of only ~256 output pixels exists at a time ((k*k*C + 1) x band floats, <= 10 MB)
 // instead of the whole (N, k*k*C + 1, Ho*Wo) one (151 MB for a 256-channel 128 x 128 conv, 604 MB
 // for the decoder's 256-channel 256 x 256 one), and each band's GEMM writes straight into y's rows.
@@ -1047,13 +1051,22 @@ void gemm_nn_ld(int64_t m, int64_t n, int64_t k, const float *a, const float *b,
 
 int conv_band(void **params, int64_t **shapes, bool down) {
   const float *x = static_cast<const float *>(params[0]);
-  const float *wm = static_cast<const float *>(params[1]);
-  float *y = static_cast<float *>(params[2]);
-  const int64_t o = shapes[1][0], rows = shapes[1][1];
+  const float *wt = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
   ConvGeometry g;
   g.n = shapes[0][0], g.c = shapes[0][1], g.h = shapes[0][2], g.w = shapes[0][3];
   g.ho = down ? g.h / 2 : g.h, g.wo = down ? g.w / 2 : g.w;
-  g.k = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>((rows - 1) / g.c))));
+  g.k = shapes[1][2];
+  const int64_t o = shapes[1][0], rows = g.k * g.k * g.c + 1;
+  // the (O, k*k*C + 1) weight matrix of vae_layers.weight_matrix (column (i*k + j)*C + c, bias last),
+  // built here rather than as a graph tensor (see wino_fused)
+  float *wm = new float[o * rows];
+  for (int64_t oc = 0; oc < o; oc++) {
+    for (int64_t c = 0; c < g.c; c++)
+      for (int64_t t = 0; t < g.k * g.k; t++) wm[oc * rows + t * g.c + c] = wt[(oc * g.c + c) * g.k * g.k + t];
+    wm[oc * rows + rows - 1] = bias[oc];
+  }
   g.stride = down ? 2 : 1;
   g.pad = down ? 0 : (g.k - 1) / 2;
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(g.ho, kBandTiles / g.wo));
@@ -1068,6 +1081,7 @@ int conv_band(void **params, int64_t **shapes, bool down) {
     }
   }
   delete[] cols;
+  delete[] wm;
   return 0;
 }
 

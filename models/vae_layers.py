@@ -165,7 +165,7 @@ class Conv2d(nn.Cell):
         if self.selected:
             return self.select(x, w, b)
         if self.fused_kernels:  # im2col + matmul a band of rows at a time (no whole im2col matrix)
-            return self.band_conv(x, weight_matrix(w, b))
+            return self.band_conv(x, w, b)
         if self.k == 1 and self.stride == 1 and self.padding == 0:
             n, c, h, wd = x.shape
             y = ops.bias_add(ops.matmul(w.reshape(self.out_channels, c), x.reshape(n, c, h * wd)), b)
