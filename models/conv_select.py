@@ -8,9 +8,10 @@ is accurate enough is kept, in a JSON file keyed by `models.cpu_features.isa_key
 Later runs, and other processes on the same kind of machine, read the choice back and measure nothing.
 
 Candidates (all float32, "same" padding, stride 1, weights (O, C, 3, 3)):
-- "im2col": the fused C++ im2col (models/cpu_kernels.cc) + one matmul, the previous default;
-- "winograd2" / "winograd4": Winograd F(2x2,3x3) / F(4x4,3x3) (models/cpu_kernels.cc): fused input
-  and output transforms around (m+2)^2 batched matmuls, 2.25x / 4x fewer multiplications;
+- "im2col": the fused C++ im2col + matmul (models/cpu_kernels.cc, a band of output rows at a time);
+- "winograd2" / "winograd4": Winograd F(2x2,3x3) / F(4x4,3x3) (models/cpu_kernels.cc): input
+  transform, (m+2)^2 GEMMs and output transform of a band of ~256 tiles at a time in one kernel,
+  2.25x / 4x fewer multiplications, no full-size transform buffer;
 - "native": MindSpore's ops.conv2d.
 A candidate whose output deviates from im2col's by more than `TOLERANCE` (relative to the output's
 largest magnitude) is never chosen, whatever its speed.

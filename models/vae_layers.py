@@ -17,10 +17,12 @@ Hence:
 GPU/Ascend use the native `ops.conv2d`; both paths hold the same Parameters `weight` (O, I, kh, kw)
 and `bias` (O,), so a checkpoint loads into either.
 
-On CPU in float32, when the fused kernels of `models/cpu_kernels.py` can be built, the im2col is one
-C++ pass that writes the matrix (the slices and concats above cost as much as the matmul: 0.9 of
-2.8 s for two 256 px frames through the sd-vae encoder), and GroupNorm (+ the SiLU after it) is one
-kernel with an exact backward. `fused_kernels=False` on a layer keeps the plain path.
+On CPU in float32, when the fused kernels of `models/cpu_kernels.py` can be built, the convolution is
+one C++ kernel (`kernels.BandConv`) that builds the im2col matrix of a band of ~256 output pixels and
+multiplies it (the slices and concats above cost as much as the matmul: 0.9 of 2.8 s for two 256 px
+frames through the sd-vae encoder; and the whole matrix, 9x the input, set the VAE's peak memory),
+and GroupNorm (+ the SiLU after it) is one kernel with an exact backward. `fused_kernels=False` on a
+layer keeps the plain path.
 """
 import math
 
