@@ -13,7 +13,7 @@ demo's small VAE is trained with it (demo/train_vae.py, which adds its reconstru
 so every layer is differentiable, and there is no dropout (sd-vae-ft-mse has none). Encoder and decoder run compiled (`ms.jit`) whatever the context mode,
 one graph per input shape (each new frame count compiles once, ~20 s at sd-vae-ft-mse size);
 `micro_batch` bounds memory for long videos; on CPU a call never takes more than one 256 px frame
-(`cpu_pixels_per_call`), so an encode or decode peaks at ~1.0-1.1 GB whatever the batch. On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
+(`cpu_pixels_per_call`), so an encode or decode peaks at ~1.1-1.2 GB whatever the batch (MindSpore itself ~0.5 GB of it). On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
 they are native.
 """
 import os
