@@ -17,10 +17,12 @@ Hence:
 GPU/Ascend use the native `ops.conv2d`; both paths hold the same Parameters `weight` (O, I, kh, kw)
 and `bias` (O,), so a checkpoint loads into either.
 
-On CPU in float32, when the fused kernels of `models/cpu_kernels.py` can be built, the im2col is one
-C++ pass that writes the matrix (the slices and concats above cost as much as the matmul: 0.9 of
-2.8 s for two 256 px frames through the sd-vae encoder), and GroupNorm (+ the SiLU after it) is one
-kernel with an exact backward. `fused_kernels=False` on a layer keeps the plain path.
+On CPU in float32, when the fused kernels of `models/cpu_kernels.py` can be built, the convolution is
+one C++ kernel (`kernels.BandConv`) that builds the im2col matrix of a band of ~256 output pixels and
+multiplies it (the slices and concats above cost as much as the matmul: 0.9 of 2.8 s for two 256 px
+frames through the sd-vae encoder; and the whole matrix, 9x the input, set the VAE's peak memory),
+and GroupNorm (+ the SiLU after it) is one kernel with an exact backward. `fused_kernels=False` on a
+layer keeps the plain path.
 """
 import math
 
@@ -142,7 +144,7 @@ class Conv2d(nn.Cell):
         fits = stride == 2 or (kernel_size > 1 and kernel_size % 2 == 1 and padding == kernel_size // 2)
         self.fused_kernels = (self.impl == "matmul" and dtype == ms.float32 and fits and _fused_kernels_apply(fused_kernels))
         if self.fused_kernels:
-            self.im2col = kernels.Im2Col(kernel_size, down=stride == 2)
+            self.band_conv = kernels.BandConv(kernel_size, down=stride == 2)
         self.selected = conv_select.applies(kernel_size, stride, padding, self.fused_kernels)
         if self.selected:  # 3x3 stride 1: im2col, Winograd or native, measured per machine and shape
             self.select = conv_select.SelectedConv()
@@ -164,12 +166,8 @@ class Conv2d(nn.Cell):
             return ops.bias_add(y, b)
         if self.selected:
             return self.select(x, w, b)
-        if self.fused_kernels:
-            n, c, h, wd = x.shape
-            cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))  # (N, k*k*C + 1, Ho, Wo)
-            rows, ho, wo = cols.shape[1], cols.shape[2], cols.shape[3]
-            y = ops.matmul(weight_matrix(w, b), cols.reshape(n, rows, ho * wo))
-            return y.reshape(n, self.out_channels, ho, wo)
+        if self.fused_kernels:  # im2col + matmul a band of rows at a time (no whole im2col matrix)
+            return self.band_conv(x, w, b)
         if self.k == 1 and self.stride == 1 and self.padding == 0:
             n, c, h, wd = x.shape
             y = ops.bias_add(ops.matmul(w.reshape(self.out_channels, c), x.reshape(n, c, h * wd)), b)

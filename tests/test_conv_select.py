@@ -65,6 +65,17 @@ def test_winograd_backward_matches_direct_backward(m):
         np.testing.assert_allclose(g, e, rtol=0, atol=2e-5 * np.abs(e).max(), err_msg=name)
 
 
+@pytest.mark.parametrize("m", [2, 4])
+def test_banded_winograd_equals_whole_batch_transforms(m):
+    """The one-kernel Winograd conv goes a band of tile rows at a time (several bands and a short last
+    one here: 44 px rows, 256-tile bands) and gives the whole-batch transforms' result."""
+    x, w, b = _case(2, 6, 90, 44, 5, seed=7)
+    conv = conv_select.WinogradConv(m)
+    banded, whole = conv(x, w, b).asnumpy(), conv.unfused(x, w, b).asnumpy()
+    np.testing.assert_allclose(banded, whole, rtol=0, atol=2e-6 * np.abs(whole).max())
+    np.testing.assert_allclose(banded, _direct_numpy(x, w, b), rtol=0, atol=(2e-6 if m == 2 else 2e-5) * np.abs(whole).max())
+
+
 def test_winograd_rejects_other_tiles():
     with pytest.raises(ValueError, match="tile"):
         conv_select.WinogradConv(3)

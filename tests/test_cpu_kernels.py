@@ -259,8 +259,11 @@ def test_kernels_only_where_they_apply():
 
 # ---- VAE layers -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stride, padding", [(1, 1), (2, "down")])
-def test_fused_im2col_convolution_equals_plain(stride, padding):
+@pytest.mark.parametrize("stride, padding, size", [(1, 1, (6, 8)), (2, "down", (6, 8)),
+                                                   (1, 1, (30, 36)), (2, "down", (60, 72))])
+def test_fused_im2col_convolution_equals_plain(stride, padding, size):
+    """The fused conv (one kernel, a band of ~256 output pixels at a time: one band for 6 x 8, seven
+    with a short last one for the 30 x 36 output) against the plain ops, forward and backward."""
     from models.vae_layers import Conv2d
 
     fused = Conv2d(5, 7, 3, stride=stride, padding=padding, impl="matmul")
@@ -268,7 +271,7 @@ def test_fused_im2col_convolution_equals_plain(stride, padding):
     assert fused.fused_kernels and not plain.fused_kernels
     plain.weight.set_data(fused.weight.data.copy())
     plain.bias.set_data(fused.bias.data.copy())
-    x = rand(2, 5, 6, 8)
+    x = rand(2, 5, *size)
     assert_same_fn(fused, plain, (x,), ulps=40)  # outputs and the gradient w.r.t. x
     dy = rand(*plain(x).shape, seed=3)
     gw_f = ms.grad(lambda a: (fused(a) * dy).sum(), None, [fused.weight, fused.bias])(x)
