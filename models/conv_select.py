@@ -207,18 +207,15 @@ def _choose_const(x_shape, o):
 
 
 class Im2ColConv(nn.Cell):
-    """The fused im2col + one matmul (what layers.Conv2d does on CPU), as a candidate."""
+    """The fused im2col + one matmul (what layers.Conv2d does on CPU), as a candidate: one kernel
+    that builds the im2col matrix of a band of output rows and multiplies it (kernels.BandConv)."""
 
     def __init__(self):
         super().__init__()
-        self.im2col = kernels.Im2Col(3, down=False)
+        self.band_conv = kernels.BandConv(3, down=False)
 
     def construct(self, x, w, b):
-        n, c, h, wd = x.shape
-        o = w.shape[0]
-        wm = ops.concat([w.transpose(0, 2, 3, 1).reshape(o, 9 * c), b.reshape(o, 1)], 1)
-        cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))
-        return ops.matmul(wm, cols.reshape(n, 9 * c + 1, h * wd)).reshape(n, o, h, wd)
+        return self.band_conv(x, w, b)
 
 
 class WinogradConv(nn.Cell):
@@ -238,11 +235,19 @@ class WinogradConv(nn.Cell):
             lambda x: [a2, x[1], x[0] * ((x[2] + m - 1) // m) * ((x[3] + m - 1) // m)], lambda x: x)
         self.output_t = kernels._op(f"winograd{m}_output", lambda mm, b, x: [x[0], b[0], x[2], x[3]],
                                     lambda mm, b, x: mm)
+        # the forward in one kernel, a band of tiles at a time: no (A2, C, N*T) / (A2, O, N*T) buffers
+        self.fused = kernels._op(f"winograd{m}_fused", lambda x, w, b: [x[0], w[0], x[2], x[3]],
+                                 lambda x, w, b: x)
         self.im2col = kernels.Im2Col(3, down=False).fwd
         self.bmm = ops.BatchMatMul()
         self.bmm_tb = ops.BatchMatMul(transpose_b=True)
 
     def forward(self, x, w, b):
+        return self.fused(x, w, b)
+
+    def unfused(self, x, w, b):
+        """The same transforms with whole-batch buffers and MindSpore's BatchMatMul (the kernel
+        before the banded one; kept as the reference for its tests)."""
         return self.output_t(self.bmm(self.weight_t(w), self.input_t(x)), b, x)
 
     def construct(self, x, w, b):

@@ -8,6 +8,7 @@
 // vectorised, and each kernel runs on the calling thread (splitting them over OpenMP threads measured
 // no faster, because MindSpore's matmuls use the cores, and it needed OMP_WAIT_POLICY=PASSIVE to not
 // slow those down). No fast-math: exp is the polynomial below (about 1 ulp), the rest is IEEE float.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -826,5 +827,297 @@ int winograd4_output(int, void **p, int *, int64_t **s, const char **, void *, v
                  s[2][0], s[1][0], s[2][2], s[2][3]);
   return 0;
 }
+
+}  // extern "C"
+
+// ---- VAE: Winograd convolution a band of tiles at a time (no full-size transform buffer) ---------
+// winograd{m}_fused: x (N, C, H, W), w (O, C, 3, 3), b (O,) -> y (N, O, H, W).
+// The separate kernels above need V (A2, C, N*T) and M (A2, O, N*T) for the whole batch at once:
+// 16x the input and 16x the output for F(2x2) (268 MB + 134 MB for the decoder's 256 -> 128
+// channel conv at 256 px), which set the VAE's peak memory. Here a band of tile rows (~256 tiles)
+// is input-transformed into a small V, multiplied plane by plane (A2 GEMMs (O, C) x (C, band)),
+// and output-transformed straight into y: the working memory is A2 * (C + O) * band floats (a few
+// MB), and V and M stay in cache between the steps. The GEMM is oneDNN's sgemm, which MindSpore
+// itself ships (libdnnl, found with dlsym once models/cpu_kernels.py has made it global), on the
+// calling thread (no threadpool: one intra-op thread, like the other kernels); where it cannot be
+// found a plain blocked loop does the same sums (slower, same rounding class).
+#include <dlfcn.h>
+
+namespace {
+
+using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
+                        int64_t, float, float *, int64_t, void *);
+
+SgemmFn find_sgemm() {
+  static SgemmFn fn = nullptr;  // looked up until found (models/cpu_kernels.py makes libdnnl global first)
+  if (!fn) fn = reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "dnnl_threadpool_interop_sgemm"));
+  return fn;
+}
+
+// C (m, n) = A (m, k) x B (k, n), all row-major and dense
+void gemm_nn(int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c) {
+  SgemmFn sgemm = find_sgemm();
+  if (sgemm && sgemm('N', 'N', m, n, k, 1.0f, a, k, b, n, 0.0f, c, n, nullptr) == 0) return;
+  for (int64_t i = 0; i < m; i++) {
+    float *ci = c + i * n;
+    std::memset(ci, 0, n * sizeof(float));
+    for (int64_t p = 0; p < k; p++) {
+      const float av = a[i * k + p];
+      const float *bp = b + p * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; j++) ci[j] += av * bp[j];
+    }
+  }
+}
+
+// V (A2, C, band) of the tile rows [ty0, ty1) of image plane stack `x` (C, H, W)
+template <int M>
+void band_input(const float *x, float *v, int64_t c, int64_t h, int64_t w, int64_t ty0, int64_t ty1,
+                float *rows, float *d) {
+  using W = Wino<M>;
+  constexpr int A = W::A;
+  const int64_t tw = (w + M - 1) / M, pw = tw * M + 2, band = (ty1 - ty0) * tw;
+  for (int64_t ch = 0; ch < c; ch++) {
+    const float *src = x + ch * h * w;
+    float *dst = v + ch * band;
+    for (int64_t ty = ty0; ty < ty1; ty++) {
+      for (int i = 0; i < A; i++) {
+        float *r = rows + i * pw;
+        const int64_t y = ty * M + i - 1;
+        std::memset(r, 0, pw * sizeof(float));
+        if (y >= 0 && y < h) std::memcpy(r + 1, src + y * w, w * sizeof(float));
+      }
+      for (int i = 0; i < A; i++) {
+        const float *r = rows + i * pw;
+        for (int a = 0; a < A; a++) {
+          float *out = d + (i * A + a) * tw;
+#pragma omp simd
+          for (int64_t t = 0; t < tw; t++) {
+            float s = 0.0f;
+            for (int j = 0; j < A; j++) s += W::BT[a][j] * r[t * M + j];
+            out[t] = s;
+          }
+        }
+      }
+      for (int a = 0; a < A; a++) {
+        for (int a2 = 0; a2 < A; a2++) {
+          float *out = dst + (a2 * A + a) * c * band + (ty - ty0) * tw;
+#pragma omp simd
+          for (int64_t t = 0; t < tw; t++) {
+            float s = 0.0f;
+            for (int i = 0; i < A; i++) s += W::BT[a2][i] * d[(i * A + a) * tw + t];
+            out[t] = s;
+          }
+        }
+      }
+    }
+  }
+}
+
+// y rows of the tile rows [ty0, ty1) from M (A2, O, band), plus the bias
+template <int M>
+void band_output(const float *m, const float *bias, float *y, int64_t o, int64_t h, int64_t w, int64_t ty0,
+                 int64_t ty1, float *t, float *out) {
+  using W = Wino<M>;
+  constexpr int A = W::A;
+  const int64_t tw = (w + M - 1) / M, band = (ty1 - ty0) * tw;
+  for (int64_t oc = 0; oc < o; oc++) {
+    const float *src = m + oc * band;
+    float *dst = y + oc * h * w;
+    const float bo = bias[oc];
+    for (int64_t ty = ty0; ty < ty1; ty++) {
+      const int64_t off = (ty - ty0) * tw;
+      for (int r = 0; r < M; r++) {
+        for (int a = 0; a < A; a++) {
+          float *tr = t + (r * A + a) * tw;
+#pragma omp simd
+          for (int64_t q = 0; q < tw; q++) {
+            float s = 0.0f;
+            for (int i = 0; i < A; i++) s += W::AT[r][i] * src[(i * A + a) * o * band + off + q];
+            tr[q] = s;
+          }
+        }
+        for (int s2 = 0; s2 < M; s2++) {
+          float *orow = out + (r * M + s2) * tw;
+#pragma omp simd
+          for (int64_t q = 0; q < tw; q++) {
+            float s = bo;
+            for (int a = 0; a < A; a++) s += W::AT[s2][a] * t[(r * A + a) * tw + q];
+            orow[q] = s;
+          }
+        }
+      }
+      for (int r = 0; r < M; r++) {
+        const int64_t yy = ty * M + r;
+        if (yy >= h) break;
+        float *drow = dst + yy * w;
+        for (int64_t q = 0; q < tw; q++)
+          for (int s2 = 0; s2 < M; s2++) {
+            const int64_t xx = q * M + s2;
+            if (xx < w) drow[xx] = out[(r * M + s2) * tw + q];
+          }
+      }
+    }
+  }
+}
+
+constexpr int64_t kBandTiles = 256;  // tiles per band: GEMMs wide enough for sgemm, V and M a few MB
+
+template <int M>
+void wino_fused(const float *x, const float *wt, const float *bias, float *y, int64_t n, int64_t c, int64_t o,
+                int64_t h, int64_t w) {
+  constexpr int A = Wino<M>::A;
+  constexpr int A2 = A * A;
+  // U = G w G^T here rather than as a graph tensor: MindSpore's runtime may compute every layer's
+  // (weight-only) transform ahead of its conv and hold them all (16/9 of the weights for F(2x2))
+  float *u = new float[A2 * o * c];
+  wino_weight<M>(wt, u, o, c);
+  const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, pw = tw * M + 2;
+  const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(th, kBandTiles / tw));
+  const int64_t max_band = band_rows * tw;
+  float *v = new float[A2 * c * max_band];
+  float *mm = new float[A2 * o * max_band];
+  float *rows = new float[A * pw];
+  float *d = new float[A * A * tw];
+  float *t = new float[M * A * tw];
+  float *out = new float[M * M * tw];
+  for (int64_t b = 0; b < n; b++) {
+    const float *xb = x + b * c * h * w;
+    float *yb = y + b * o * h * w;
+    for (int64_t ty0 = 0; ty0 < th; ty0 += band_rows) {
+      const int64_t ty1 = std::min(th, ty0 + band_rows), band = (ty1 - ty0) * tw;
+      band_input<M>(xb, v, c, h, w, ty0, ty1, rows, d);
+      for (int a2 = 0; a2 < A2; a2++) gemm_nn(o, band, c, u + a2 * o * c, v + a2 * c * band, mm + a2 * o * band);
+      band_output<M>(mm, bias, yb, o, h, w, ty0, ty1, t, out);
+    }
+  }
+  delete[] u;
+  delete[] v;
+  delete[] mm;
+  delete[] rows;
+  delete[] d;
+  delete[] t;
+  delete[] out;
+}
+
+}  // namespace
+
+extern "C" {
+
+// inputs x (N, C, H, W), w (O, C, 3, 3), b (O,) -> y (N, O, H, W)
+int winograd2_fused(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  wino_fused<2>(static_cast<const float *>(p[0]), static_cast<const float *>(p[1]), static_cast<const float *>(p[2]),
+                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][0], s[0][2], s[0][3]);
+  return 0;
+}
+int winograd4_fused(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  wino_fused<4>(static_cast<const float *>(p[0]), static_cast<const float *>(p[1]), static_cast<const float *>(p[2]),
+                static_cast<float *>(p[3]), s[0][0], s[0][1], s[1][0], s[0][2], s[0][3]);
+  return 0;
+}
+// 1 when the GEMM is oneDNN's sgemm, 0 when it is the plain loop (for the bench's report)
+int winograd_sgemm_found() { return find_sgemm() != nullptr; }
+
+}  // extern "C"
+
+// ---- VAE: im2col convolution a band of output rows at a time ---------------------------------------
+// conv_band_{same,down}: x (N, C, H, W), w (O, C, k, k), b (O,) -> y (N, O, Ho, Wo) (Ho, Wo = H, W for "same", H/2, W/2 for "down"). The same sums as im2col_* + one matmul, but
+// the im2col matrix of only ~256 output pixels exists at a time ((k*k*C + 1) x band floats, <= 10 MB)
+// instead of the whole (N, k*k*C + 1, Ho*Wo) one (151 MB for a 256-channel 128 x 128 conv, 604 MB
+// for the decoder's 256-channel 256 x 256 one), and each band's GEMM writes straight into y's rows.
+namespace {
+
+void im2col_rows(const float *x, float *cols, const ConvGeometry &g, int64_t r0, int64_t r1) {
+  const int64_t band = (r1 - r0) * g.wo, rows = g.k * g.k * g.c + 1;
+  for (int64_t c = 0; c < g.c; c++) {
+    const float *src = x + c * g.h * g.w;
+    for (int64_t i = 0; i < g.k; i++) {
+      for (int64_t j = 0; j < g.k; j++) {
+        int64_t q0 = 0, q1 = g.wo;
+        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
+        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
+        float *dst = cols + ((i * g.k + j) * g.c + c) * band;
+        for (int64_t r = r0; r < r1; r++) {
+          float *d = dst + (r - r0) * g.wo;
+          const int64_t y = r * g.stride + i - g.pad;
+          if (y < 0 || y >= g.h) {
+            std::memset(d, 0, g.wo * sizeof(float));
+            continue;
+          }
+          for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
+          for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
+          const float *s = src + y * g.w + j - g.pad;
+          if (g.stride == 1) {
+            std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
+          } else {
+#pragma omp simd
+            for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
+          }
+        }
+      }
+    }
+  }
+  float *ones = cols + (rows - 1) * band;
+  for (int64_t q = 0; q < band; q++) ones[q] = 1.0f;
+}
+
+// C (m, n) with row pitch ldc = A (m, k) x B (k, n)
+void gemm_nn_ld(int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c, int64_t ldc) {
+  SgemmFn sgemm = find_sgemm();
+  if (sgemm && sgemm('N', 'N', m, n, k, 1.0f, a, k, b, n, 0.0f, c, ldc, nullptr) == 0) return;
+  for (int64_t i = 0; i < m; i++) {
+    float *ci = c + i * ldc;
+    std::memset(ci, 0, n * sizeof(float));
+    for (int64_t p = 0; p < k; p++) {
+      const float av = a[i * k + p];
+      const float *bp = b + p * n;
+#pragma omp simd
+      for (int64_t j = 0; j < n; j++) ci[j] += av * bp[j];
+    }
+  }
+}
+
+int conv_band(void **params, int64_t **shapes, bool down) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *wt = static_cast<const float *>(params[1]);
+  const float *bias = static_cast<const float *>(params[2]);
+  float *y = static_cast<float *>(params[3]);
+  ConvGeometry g;
+  g.n = shapes[0][0], g.c = shapes[0][1], g.h = shapes[0][2], g.w = shapes[0][3];
+  g.ho = down ? g.h / 2 : g.h, g.wo = down ? g.w / 2 : g.w;
+  g.k = shapes[1][2];
+  const int64_t o = shapes[1][0], rows = g.k * g.k * g.c + 1;
+  // the (O, k*k*C + 1) weight matrix of vae_layers.weight_matrix (column (i*k + j)*C + c, bias last),
+  // built here rather than as a graph tensor (see wino_fused)
+  float *wm = new float[o * rows];
+  for (int64_t oc = 0; oc < o; oc++) {
+    for (int64_t c = 0; c < g.c; c++)
+      for (int64_t t = 0; t < g.k * g.k; t++) wm[oc * rows + t * g.c + c] = wt[(oc * g.c + c) * g.k * g.k + t];
+    wm[oc * rows + rows - 1] = bias[oc];
+  }
+  g.stride = down ? 2 : 1;
+  g.pad = down ? 0 : (g.k - 1) / 2;
+  const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(g.ho, kBandTiles / g.wo));
+  float *cols = new float[rows * band_rows * g.wo];
+  for (int64_t n = 0; n < g.n; n++) {
+    const float *xn = x + n * g.c * g.h * g.w;
+    float *yn = y + n * o * g.ho * g.wo;
+    for (int64_t r0 = 0; r0 < g.ho; r0 += band_rows) {
+      const int64_t r1 = std::min(g.ho, r0 + band_rows);
+      im2col_rows(xn, cols, g, r0, r1);
+      gemm_nn_ld(o, (r1 - r0) * g.wo, rows, wm, cols, yn + r0 * g.wo, g.ho * g.wo);
+    }
+  }
+  delete[] cols;
+  delete[] wm;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int conv_band_same(int, void **p, int *, int64_t **s, const char **, void *, void *) { return conv_band(p, s, false); }
+int conv_band_down(int, void **p, int *, int64_t **s, const char **, void *, void *) { return conv_band(p, s, true); }
 
 }  // extern "C"

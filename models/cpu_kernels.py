@@ -159,8 +159,30 @@ def available():
     return bool(_library)
 
 
+_dnnl_exposed = False
+
+
+def expose_dnnl():
+    """Make MindSpore's own oneDNN (mindspore/lib/libdnnl.so.*, already loaded by its CPU backend)
+    visible to dlsym, so the fused Winograd conv (winograd{m}_fused in cpu_kernels.cc) can call its
+    sgemm. True when it is; False leaves that kernel on its plain-loop GEMM (slower, same sums)."""
+    global _dnnl_exposed
+    if not _dnnl_exposed:
+        import ctypes
+        import mindspore
+        for lib in sorted((Path(mindspore.__file__).parent / "lib").glob("libdnnl.so*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                _dnnl_exposed = True
+                break
+            except OSError:
+                continue
+    return _dnnl_exposed
+
+
 def _op(name, out_shape, out_dtype):
     library = _library or build_library()
+    expose_dnnl()
     return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 
@@ -348,6 +370,38 @@ class Im2Col(nn.Cell):
 
     def bprop(self, x, carrier, out, dout):
         return self.bwd(dout, carrier), _zeros_like(carrier)
+
+
+class BandConv(nn.Cell):
+    """y (N, O, Ho, Wo) of a k x k convolution of x (N, C, H, W) with weights w (O, C, k, k) and bias b
+    (O,): Im2Col + one matmul in one kernel, a band of output rows at a time, so the whole im2col
+    matrix never exists (see conv_band in cpu_kernels.cc). `down` as in Im2Col. The backward is the
+    one of Im2Col + matmul: dw, db from dy and x's im2col, dx = col2im(wm^T dy)."""
+
+    def __init__(self, kernel_size, down):
+        super().__init__()
+        s, kind = (2 if down else 1), ("down" if down else "same")
+        self.fwd = _op(f"conv_band_{kind}", lambda x, w, b: [x[0], w[0], x[2] // s, x[3] // s],
+                       lambda x, w, b: x)
+        self.im2col = Im2Col(kernel_size, down)
+        self.matmul_ta = ops.BatchMatMul(transpose_a=True)
+        self.matmul_tb = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x, w, b):
+        return self.fwd(x, w, b)
+
+    def bprop(self, x, w, b, out, dout):
+        n, o, ho, wo = dout.shape
+        c, k = x.shape[1], w.shape[2]
+        dy = dout.reshape(n, o, ho * wo)
+        cols = self.im2col.fwd(x)  # (N, k*k*C + 1, Ho, Wo)
+        g = self.matmul_tb(dy, cols.reshape(n, k * k * c + 1, ho * wo)).sum(0)  # (O, k*k*C + 1)
+        dw = ops.narrow(g, 1, 0, k * k * c).reshape(o, k, k, c).transpose(0, 3, 1, 2)
+        db = ops.narrow(g, 1, k * k * c, 1).reshape(o)
+        wm = ops.concat([w.transpose(0, 2, 3, 1).reshape(o, k * k * c), b.reshape(o, 1)], 1)
+        dcols = self.matmul_ta(ops.broadcast_to(wm.reshape(1, o, -1), (n, o, k * k * c + 1)), dy)
+        dx = self.im2col.bwd(dcols.reshape(n, k * k * c + 1, ho, wo), ops.zeros((n, c, 1, 1), x.dtype))
+        return dx, dw, db
 
 
 class GroupNormAct(nn.Cell):

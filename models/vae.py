@@ -12,8 +12,8 @@ The pipeline only runs it forward (latents are cached once, frames decoded after
 demo's small VAE is trained with it (demo/train_vae.py, which adds its reconstruction and KL losses),
 so every layer is differentiable, and there is no dropout (sd-vae-ft-mse has none). Encoder and decoder run compiled (`ms.jit`) whatever the context mode,
 one graph per input shape (each new frame count compiles once, ~20 s at sd-vae-ft-mse size);
-`micro_batch` bounds memory for long videos: on CPU an encode takes ~1.5 GB plus ~1.1 GB per 256 px
-frame in flight. On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
+`micro_batch` bounds memory for long videos; on CPU a call never takes more than one 256 px frame
+(`cpu_pixels_per_call`), so an encode or decode peaks at ~1.0-1.1 GB whatever the batch. On CPU, convolutions are im2col + one matmul (models/vae_layers.py); on GPU/Ascend
 they are native.
 """
 import os
@@ -22,6 +22,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from models.dtypes import ms_dtype
+from models.runtime import device_target
 from models.vae_layers import Conv2d, GroupNorm, Linear
 
 
@@ -240,13 +241,27 @@ class AutoencoderKL(nn.Cell):
         return self.decoder(self.post_quant_conv(z.astype(self.dtype))).astype(ms.float32)
 
     # ---- public API ------------------------------------------------------------------------------
-    def _chunked(self, fn, x, micro_batch, what):
+    # On CPU one compiled call holds at most this many output pixels' worth of frames (one 256 px
+    # frame; always at least one frame). There the convolution kernels go through a batch frame by
+    # frame anyway, so a bigger call is no faster, while its activations grow with every frame: a
+    # 4-frame encode peaked at 3.0 GB against 1.6 GB for one frame. None: no cap.
+    cpu_pixels_per_call = 256 * 256
+
+    def frames_per_call(self, n, micro_batch, pixels):
+        """Frames per compiled call for a batch of n frames of `pixels` output pixels each."""
+        frames = n if micro_batch is None else min(micro_batch, n)
+        if self.cpu_pixels_per_call and device_target() == "CPU":
+            frames = min(frames, max(1, self.cpu_pixels_per_call // pixels))
+        return frames
+
+    def _chunked(self, fn, x, micro_batch, what, pixels):
         if x.ndim != 4:
             raise ValueError(f"{what}: expected an (N, C, H, W) tensor, got shape {tuple(x.shape)}")
         if micro_batch is not None and micro_batch < 1:
             raise ValueError(f"micro_batch={micro_batch} must be a positive number of frames (or None)")
         n = x.shape[0]
-        if micro_batch is None or micro_batch >= n:
+        micro_batch = self.frames_per_call(n, micro_batch, pixels)
+        if micro_batch >= n:
             return fn(x)
         return ops.concat([fn(x[i:i + micro_batch]) for i in range(0, n, micro_batch)], 0)
 
@@ -255,7 +270,7 @@ class AutoencoderKL(nn.Cell):
         h, w = img.shape[-2:]
         if h % self.downscale or w % self.downscale:
             raise ValueError(f"image size {h}x{w} is not a multiple of {self.downscale}: crop or resize it")
-        return self._chunked(self._encode_fn, img, micro_batch, "encode")
+        return self._chunked(self._encode_fn, img, micro_batch, "encode", h * w)
 
     @staticmethod
     def moments_to_mean_std(moments):
@@ -270,7 +285,9 @@ class AutoencoderKL(nn.Cell):
 
     def decode(self, z, micro_batch=None):
         """Unscaled latents (N, 4, h, w) -> images (N, 3, 8h, 8w), nominally in [-1, 1] (not clipped)."""
-        return self._chunked(self._decode_fn, z, micro_batch, "decode")
+        if z.ndim != 4:
+            raise ValueError(f"decode: expected an (N, C, H, W) tensor, got shape {tuple(z.shape)}")
+        return self._chunked(self._decode_fn, z, micro_batch, "decode", z.shape[2] * z.shape[3] * self.downscale ** 2)
 
     def construct(self, img):
         """Reconstruction from the posterior mean (deterministic), as one graph-friendly body."""

@@ -142,7 +142,7 @@ class Conv2d(nn.Cell):
         fits = stride == 2 or (kernel_size > 1 and kernel_size % 2 == 1 and padding == kernel_size // 2)
         self.fused_kernels = (self.impl == "matmul" and dtype == ms.float32 and fits and _fused_kernels_apply(fused_kernels))
         if self.fused_kernels:
-            self.im2col = kernels.Im2Col(kernel_size, down=stride == 2)
+            self.band_conv = kernels.BandConv(kernel_size, down=stride == 2)
         self.selected = conv_select.applies(kernel_size, stride, padding, self.fused_kernels)
         if self.selected:  # 3x3 stride 1: im2col, Winograd or native, measured per machine and shape
             self.select = conv_select.SelectedConv()
@@ -164,12 +164,8 @@ class Conv2d(nn.Cell):
             return ops.bias_add(y, b)
         if self.selected:
             return self.select(x, w, b)
-        if self.fused_kernels:
-            n, c, h, wd = x.shape
-            cols = self.im2col(x, ops.zeros((n, c, 1, 1), ms.float32))  # (N, k*k*C + 1, Ho, Wo)
-            rows, ho, wo = cols.shape[1], cols.shape[2], cols.shape[3]
-            y = ops.matmul(weight_matrix(w, b), cols.reshape(n, rows, ho * wo))
-            return y.reshape(n, self.out_channels, ho, wo)
+        if self.fused_kernels:  # im2col + matmul a band of rows at a time (no whole im2col matrix)
+            return self.band_conv(x, w, b)
         if self.k == 1 and self.stride == 1 and self.padding == 0:
             n, c, h, wd = x.shape
             y = ops.bias_add(ops.matmul(w.reshape(self.out_channels, c), x.reshape(n, c, h * wd)), b)

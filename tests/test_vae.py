@@ -69,6 +69,29 @@ def test_micro_batched_encode_and_decode_equal_one_shot(tiny_vae):
     assert_f32_close(tiny_vae.decode(mean, micro_batch=1), tiny_vae.decode(mean))
 
 
+def test_cpu_calls_hold_at_most_one_large_frame(tiny_vae, monkeypatch):
+    """On CPU a batch is cut into calls of cpu_pixels_per_call output pixels (peak memory follows
+    the call, not the batch), with the same result as one call over the whole batch."""
+    frames = Tensor(np.random.default_rng(5).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32))
+    whole_mean, _ = tiny_vae.encode(frames)
+    z = whole_mean
+    whole_rec = tiny_vae.decode(z)
+    calls = []
+    encode_fn, decode_fn = tiny_vae._encode_fn, tiny_vae._decode_fn
+    monkeypatch.setattr(tiny_vae, "_encode_fn", lambda x: calls.append(("encode", x.shape[0])) or encode_fn(x))
+    monkeypatch.setattr(tiny_vae, "_decode_fn", lambda x: calls.append(("decode", x.shape[0])) or decode_fn(x))
+    monkeypatch.setattr(tiny_vae, "cpu_pixels_per_call", 32 * 32)  # one 32 px frame per call
+    mean, _ = tiny_vae.encode(frames, micro_batch=8)
+    rec = tiny_vae.decode(z)
+    assert calls == [("encode", 1)] * 3 + [("decode", 1)] * 3
+    assert_f32_close(mean, whole_mean)
+    assert_f32_close(rec, whole_rec)
+    monkeypatch.setattr(tiny_vae, "cpu_pixels_per_call", 2 * 32 * 32 + 5)  # two frames: a call of 2, then 1
+    calls.clear()
+    tiny_vae.encode(frames)
+    assert calls == [("encode", 2), ("encode", 1)]
+
+
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 1, 0), (3, 2, "down")])
 def test_matmul_conv_equals_native_conv(kernel, stride, padding):
     rng = np.random.default_rng(kernel + stride)
