@@ -5,7 +5,8 @@ Latte-S/2's block matmuls 1.1-1.3x faster than MindSpore's MatMul (bench/bench_t
 --block_matmuls). The sgemm kernels (dense_* in models/cpu_kernels.cc) run on the calling thread, so
 with more intra-op threads MindSpore's threaded MatMul may win, and another CPU may rank them the other
 way: so, like models/conv_select.py, both are timed once on this machine at Latte-S/2's block shapes
-(forward, input and weight gradient), and the faster one is kept in a JSON file keyed by
+(forward, input and weight gradient; CPU-seconds at one intra-op thread, wall seconds at more, see
+`_criterion`), and the faster one is kept in a JSON file keyed by
 `models.cpu_features.isa_key()` and the thread count, under $LATTE_KERNEL_DIR (default
 ~/.cache/latte/kernels). Later runs read the choice back and measure nothing.
 
@@ -92,19 +93,29 @@ def _measure_in_child():
         print(f"note: dense_select could not measure ({last}); using MindSpore's MatMul", file=sys.stderr)
 
 
+def _criterion():
+    """What a choice minimises. One intra-op thread budgets one core: CPU-seconds (measured: at one
+    thread MindSpore's MatMul still keeps a second core busy, 1.8 cores in a quiet sampling step, so on
+    an idle 2-core host it wins by wall time while doing more work; the sgemm kernels use the calling
+    thread only), which is also what load does not move. More threads budget more cores: wall seconds."""
+    return "cpu" if conv_select._threads() == 1 else "wall"
+
+
 def _best(fn):
-    """Best wall seconds of _REPS runs after one warm-up, and the warm-up's output."""
+    """Best seconds (by `_criterion`) of _REPS runs after one warm-up, and the warm-up's output."""
+    clock = time.process_time if _criterion() == "cpu" else time.perf_counter
     out = fn().asnumpy()
     best = float("inf")
     for _ in range(_REPS):
-        t = time.perf_counter()
+        t = clock()
         fn().asnumpy()
-        best = min(best, time.perf_counter() - t)
+        best = min(best, clock() - t)
     return best, out
 
 
 def measure(shapes=SHAPES):
-    """{candidate: (seconds for all shapes' forward + dx + dW, worst relative deviation from MatMul)}."""
+    """{candidate: (seconds (CPU or wall, see _criterion) for all shapes' forward + dx + dW, worst
+    relative deviation from MatMul)}."""
     import mindspore as ms
     from mindspore import ops
     ms_ops = (ops.MatMul(transpose_b=True), ops.MatMul(), ops.MatMul(transpose_a=True))
@@ -128,7 +139,7 @@ def _measure_and_save():
     ok = {k: v[0] for k, v in timings.items() if v[1] <= TOLERANCE}
     choices = _load()  # as the file is now: other processes may have added thread counts meanwhile
     choices[cache_key()] = min(ok, key=ok.get)
-    print(f"dense_select: {cache_key()}: " + ", ".join(f"{k} {v[0] * 1e3:.1f} ms (dev {v[1]:.1e})"
+    print(f"dense_select: {cache_key()}: " + ", ".join(f"{k} {v[0] * 1e3:.1f} {_criterion()} ms (dev {v[1]:.1e})"
                                                       for k, v in timings.items())
           + f" -> {choices[cache_key()]}", file=sys.stderr)
     _save(choices)

@@ -129,3 +129,10 @@ def test_plain_latte_never_uses_sgemm(monkeypatch):
     net = Latte(input_size=8, num_frames=4, depth=2, hidden_size=32, patch_size=2, num_heads=2, fused_kernels=False)
     assert net.dense_impl == "mindspore"
     assert not any(isinstance(c, (cpu_kernels.SgemmDense, cpu_kernels.SgemmMatMulNT)) for _, c in net.cells_and_names())
+
+
+def test_dense_choice_counts_cpu_seconds_at_one_thread_and_wall_seconds_at_more(monkeypatch):
+    monkeypatch.setattr(dense_select.conv_select, "_threads", lambda: 1)
+    assert dense_select._criterion() == "cpu"
+    monkeypatch.setattr(dense_select.conv_select, "_threads", lambda: 2)
+    assert dense_select._criterion() == "wall"
