@@ -107,7 +107,8 @@ def _ours(rng):
 
     ours = Latte(input_size=LATENT, num_frames=FRAMES, learn_sigma=True, **SIZE)
     print("ours runs " + ("its fused CPU kernels" if ours.fused_kernels else "plain ops (fused CPU kernels off or "
-                          "not built)") + "; LATTE_CPU_KERNELS=0 selects the plain-ops path", flush=True)
+                          "not built)") + "; LATTE_CPU_KERNELS=0 selects the plain-ops path; Linear matmuls on "
+          + ours.dense_impl + " (LATTE_DENSE=sgemm|mindspore forces)", flush=True)
     for name, param in ours.parameters_dict().items():  # non-zero everywhere, so outputs can be compared
         if "adaLN_modulation" in name or "final_layer.linear" in name:
             param.set_data(ms.Tensor(rng.normal(0, 0.02, param.shape).astype(np.float32)))

@@ -214,6 +214,28 @@ def ms_matmul_fns(m, k, n):
     return {"fwd": lambda: fwd(x, w).asnumpy(), "dx": lambda: dx(dy, w).asnumpy(), "dW": lambda: dw(dy, x).asnumpy()}
 
 
+def sgemm_matmul_fns(m, k, n):
+    """The same products on the Dense kernels' oneDNN sgemm (models/cpu_kernels.cc dense_*)."""
+    import mindspore as ms
+    from models import cpu_kernels
+
+    rng = np.random.default_rng(0)
+    x, w, dy = (ms.Tensor(rng.standard_normal(s).astype(np.float32)) for s in ((m, k), (n, k), (m, n)))
+    nt, nn_, tn = cpu_kernels._sgemm_ops()
+
+    def fwd(a, b):
+        return nt(a, b)
+
+    def dx(a, b):
+        return nn_(a, b)
+
+    def dw(a, b):
+        return tn(a, b)
+
+    fwd, dx, dw = ms.jit(fwd), ms.jit(dx), ms.jit(dw)
+    return {"fwd": lambda: fwd(x, w).asnumpy(), "dx": lambda: dx(dy, w).asnumpy(), "dW": lambda: dw(dy, x).asnumpy()}
+
+
 def torch_matmul_fns(m, k, n):
     import torch
 
@@ -316,11 +338,13 @@ def run_one(which, args):
            "start_to_step1_s": since_start, "start_to_step1_cpu_s": cpu_since_start,
            "cpu_s_per_step": float(np.median(cpu_times)),
            "params": int(sum(p.size for p in step.params)), "loss": float(losses[-1]),
-           "fused_kernels": int(bool(getattr(net, "fused_kernels", False)))}
+           "fused_kernels": int(bool(getattr(net, "fused_kernels", False))),
+           "dense_impl": getattr(net, "dense_impl", "mindspore")}
     if which == "ours" and args.peak:
         out["matmul_peak_gflops"] = matmul_peak()
     if which == "ours" and args.block_matmuls:
-        out["block_matmul_ms"] = time_block_matmuls(ms_matmul_fns)
+        out["block_matmul_ms"] = time_block_matmuls(sgemm_matmul_fns if out["dense_impl"] == "sgemm"
+                                                    else ms_matmul_fns)
     peer.report(out)
 
 
@@ -403,7 +427,8 @@ def main():
         print(f"{which:8s} {peer.median(rs, 's_per_step'):.3f} s/step, {peer.median(rs, 'cpu_s_per_step'):.2f} "
               f"CPU-s/step, first step (incl. compile) {peer.median(rs, 'first_step_s'):.1f} s, peak RSS "
               f"{peer.median(rs, 'peak_rss_mb') / 1024:.2f} GB, {rs[0]['params'] / 1e6:.2f} M params"
-              + (", fused CPU kernels" if which == "ours" and rs[0].get("fused_kernels") else ""))
+              + (", fused CPU kernels" if which == "ours" and rs[0].get("fused_kernels") else "")
+              + (f", Linear matmuls on {rs[0]['dense_impl']}" if which == "ours" else ""))
     if ours and "start_to_step1_s" in ours[0]:
         print("ours, process start to the end of step 1 (imports, build, compile or cache load, one step): "
               + "; ".join(f"round {i + 1} {r['start_to_step1_s']:.1f} s wall / {r['start_to_step1_cpu_s']:.1f} CPU-s"
@@ -426,7 +451,7 @@ def main():
                       f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
         torch_mm = (res.get("torch") or [{}])[0].get("block_matmul_ms")
         if ours[0].get("block_matmul_ms") and torch_mm:
-            print("block matmuls, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); "
+            print(f"block matmuls on {ours[0]['dense_impl']}, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); "
                   "every block does these:")
             for case, ms_ in ours[0]["block_matmul_ms"].items():
                 speed = peer.ratio(torch_mm[case], ms_)

@@ -1121,3 +1121,88 @@ int conv_band_same(int, void **p, int *, int64_t **s, const char **, void *, voi
 int conv_band_down(int, void **p, int *, int64_t **s, const char **, void *, void *) { return conv_band(p, s, true); }
 
 }  // extern "C"
+
+// ---- Latte: the Linear layers' matmuls on oneDNN's sgemm (models/dense_select.py) --------------------
+// MindSpore's CPU MatMul ran Latte-S/2's block matmuls at ~0.7x torch's speed (bench_train
+// --block_matmuls); oneDNN's sgemm, which MindSpore itself ships (libdnnl), ran them 1.1-1.3x faster
+// than MatMul on one thread. These kernels are a Linear's forward and backward on that sgemm:
+// y = x w^T (+ b), dx = dy w, dw = dy^T x, db = column sums of dy. Single-threaded (nullptr threadpool),
+// so with more intra-op threads MindSpore's threaded MatMul may win: dense_select measures which.
+// Where sgemm cannot be found the plain loop below gives the same sums (slow; dense_select then never
+// picks this path, see dense_sgemm_found).
+namespace {
+
+// row-major C (m, n) = op(A) op(B) + beta C, op = transpose when ta/tb is 'T' (oneDNN's convention)
+void dense_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
+                int64_t ldb, float beta, float *c, int64_t ldc) {
+  SgemmFn sgemm = find_sgemm();
+  if (sgemm && sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc, nullptr) == 0) return;
+  for (int64_t i = 0; i < m; i++) {
+    float *ci = c + i * ldc;
+    for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
+    for (int64_t p = 0; p < k; p++) {
+      const float av = ta == 'T' ? a[p * lda + i] : a[i * lda + p];
+      for (int64_t j = 0; j < n; j++) ci[j] += av * (tb == 'T' ? b[j * ldb + p] : b[p * ldb + j]);
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x (M, K), w (N, K) -> y (M, N) = x w^T
+int dense_nt(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  const int64_t m = s[0][0], k = s[0][1], n = s[1][0];
+  dense_gemm('N', 'T', m, n, k, static_cast<const float *>(p[0]), k, static_cast<const float *>(p[1]), k, 0.0f,
+             static_cast<float *>(p[2]), n);
+  return 0;
+}
+
+// x (M, K), w (N, K), b (N,) -> y (M, N) = x w^T + b (y starts as b's rows, then beta = 1)
+int dense_bias_nt(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  const int64_t m = s[0][0], k = s[0][1], n = s[1][0];
+  const float *b = static_cast<const float *>(p[2]);
+  float *y = static_cast<float *>(p[3]);
+  for (int64_t i = 0; i < m; i++) std::memcpy(y + i * n, b, n * sizeof(float));
+  dense_gemm('N', 'T', m, n, k, static_cast<const float *>(p[0]), k, static_cast<const float *>(p[1]), k, 1.0f, y, n);
+  return 0;
+}
+
+// dy (M, N), w (N, K) -> dx (M, K) = dy w
+int dense_nn(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  const int64_t m = s[0][0], n = s[0][1], k = s[1][1];
+  dense_gemm('N', 'N', m, k, n, static_cast<const float *>(p[0]), n, static_cast<const float *>(p[1]), k, 0.0f,
+             static_cast<float *>(p[2]), k);
+  return 0;
+}
+
+// dy (M, N), x (M, K) -> dw (N, K) = dy^T x
+int dense_tn(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  const int64_t m = s[0][0], n = s[0][1], k = s[1][1];
+  dense_gemm('T', 'N', n, k, m, static_cast<const float *>(p[0]), n, static_cast<const float *>(p[1]), k, 0.0f,
+             static_cast<float *>(p[2]), k);
+  return 0;
+}
+
+// x (M, K), w (N, K), dy (M, N) -> dx (M, K), dw (N, K), db (N,): a Linear's whole backward in one op
+int dense_bias_bwd(int, void **p, int *, int64_t **s, const char **, void *, void *) {
+  const int64_t m = s[0][0], k = s[0][1], n = s[1][0];
+  const float *x = static_cast<const float *>(p[0]), *w = static_cast<const float *>(p[1]);
+  const float *dy = static_cast<const float *>(p[2]);
+  float *db = static_cast<float *>(p[5]);
+  dense_gemm('N', 'N', m, k, n, dy, n, w, k, 0.0f, static_cast<float *>(p[3]), k);
+  dense_gemm('T', 'N', n, k, m, dy, n, x, k, 0.0f, static_cast<float *>(p[4]), k);
+  std::memset(db, 0, n * sizeof(float));
+  for (int64_t i = 0; i < m; i++) {
+    const float *row = dy + i * n;
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) db[j] += row[j];
+  }
+  return 0;
+}
+
+// 1 when the Dense kernels run on oneDNN's sgemm, 0 when on the plain loop
+int dense_sgemm_found() { return find_sgemm() != nullptr; }
+
+}  // extern "C"

@@ -226,13 +226,18 @@ class BiasGELUProject(nn.Cell):
         super().__init__()
         self.gelu = _op("bias_gelu_fwd", _same, _same)
         self.bwd = _op("bias_gelu_bwd_recompute", lambda z, b, dy: (z, b, z), lambda z, b, dy: (z, b, z))
+        self.mm_nt, self.mm_nn, self.mm_tn = _matmul_nt, _matmul, _matmul_tn
+
+    def use_sgemm(self):
+        """fc2's three products on oneDNN's sgemm (the Dense kernels below) instead of MindSpore's MatMul."""
+        self.mm_nt, self.mm_nn, self.mm_tn = _sgemm_ops()
 
     def construct(self, z, b, w):
-        return _matmul_nt(self.gelu(z, b), w)
+        return self.mm_nt(self.gelu(z, b), w)
 
     def bprop(self, z, b, w, out, dout):
-        dz, db, y = self.bwd(z, b, _matmul(dout, w))
-        return dz, db, _matmul_tn(dout, y)
+        dz, db, y = self.bwd(z, b, self.mm_nn(dout, w))
+        return dz, db, self.mm_tn(dout, y)
 
 
 class Attention(nn.Cell):
@@ -421,3 +426,50 @@ class GroupNormAct(nn.Cell):
     def bprop(self, x, gamma, beta, carrier, out, dout):
         dx, dgamma, dbeta = self.bwd(x, gamma, beta, carrier, dout)
         return dx, dgamma, dbeta, _zeros_like(carrier)
+
+
+# ---- Latte's Linear layers on oneDNN's sgemm (models/dense_select.py decides where) --------------------
+
+def _sgemm_ops():
+    """(x w^T, dy w, dy^T x) as custom ops on the sgemm kernels (dense_* in cpu_kernels.cc)."""
+    return (_op("dense_nt", lambda x, w: [x[0], w[0]], lambda x, w: x),
+            _op("dense_nn", lambda dy, w: [dy[0], w[1]], lambda dy, w: dy),
+            _op("dense_tn", lambda dy, x: [dy[1], x[1]], lambda dy, x: dy))
+
+
+def sgemm_found():
+    """True when the Dense kernels run on oneDNN's sgemm (MindSpore's libdnnl found and made global),
+    False when they would fall back to their plain loop (then the sgemm path must not be chosen)."""
+    import ctypes
+    if not available() or not expose_dnnl():
+        return False
+    return bool(ctypes.CDLL(_library).dense_sgemm_found())
+
+
+class SgemmDense(nn.Cell):
+    """plain_cells.Dense on sgemm: y = x @ w.T + b for 2-D x; the backward (dx, dw, db) is one op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fwd = _op("dense_bias_nt", lambda x, w, b: [x[0], w[0]], lambda x, w, b: x)
+        self.bwd = _op("dense_bias_bwd", lambda x, w, dy: (x, w, [w[0]]), lambda x, w, dy: (x, x, x))
+
+    def construct(self, x, w, b):
+        return self.fwd(x, w, b)
+
+    def bprop(self, x, w, b, out, dout):
+        return self.bwd(x, w, dout)
+
+
+class SgemmMatMulNT(nn.Cell):
+    """x @ w.T for 2-D x on sgemm (a Linear's matmul without its bias); backward dy @ w, dy.T @ x."""
+
+    def __init__(self):
+        super().__init__()
+        self.fwd, self.nn_, self.tn = _sgemm_ops()
+
+    def construct(self, x, w):
+        return self.fwd(x, w)
+
+    def bprop(self, x, w, out, dout):
+        return self.nn_(dout, w), self.tn(dout, x)

@@ -27,7 +27,7 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, XavierUniform, Zero, initializer
 
-from models import cpu_kernels, plain_cells
+from models import cpu_kernels, dense_select, plain_cells
 from models.runtime import device_target
 from models.dtypes import device_dtype_problem, ms_dtype
 from models.registry import MODEL_NAMES, variant_sizes
@@ -57,6 +57,11 @@ class Linear(nn.Cell):
         self.dtype = dtype
         self.cast = dtype != ms.float32
         self.dense = plain_cells.Dense()
+        self.matmul_nt = _matmul_nt
+
+    def use_sgemm(self):
+        """Both products on oneDNN's sgemm (float32 CPU only: Latte calls this where dense_select says)."""
+        self.dense, self.matmul_nt = cpu_kernels.SgemmDense(), cpu_kernels.SgemmMatMulNT()
 
     def construct(self, x):
         shape = x.shape
@@ -76,7 +81,7 @@ class Linear(nn.Cell):
         x, w = x.reshape(-1, shape[-1]), self.weight
         if self.cast:
             x, w = x.astype(self.dtype), w.astype(self.dtype)
-        return _matmul_nt(x, w).reshape(shape[:-1] + (self.out_features,))
+        return self.matmul_nt(x, w).reshape(shape[:-1] + (self.out_features,))
 
 
 class SiLU(nn.Cell):
@@ -107,6 +112,9 @@ class PatchEmbed(nn.Cell):
         self.dtype = dtype
         self.cast = dtype != ms.float32
         self.dense = plain_cells.Dense()
+
+    def use_sgemm(self):
+        self.dense = cpu_kernels.SgemmDense()
 
     def construct(self, x):
         """(B, C, H, W) -> (B, T, D), T = (H/p)*(W/p) in row-major patch order."""
@@ -404,6 +412,13 @@ class Latte(nn.Cell):
             for _ in range(depth)
         ])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, dtype, self.fused_kernels)
+        # Linear layers (and the fused GELU + fc2) on oneDNN's sgemm where it measured faster than
+        # MindSpore's MatMul on this machine and thread count (models/dense_select.py; LATTE_DENSE forces).
+        self.dense_impl = dense_select.choose() if self.fused_kernels else "mindspore"
+        if self.dense_impl == "sgemm":
+            for _, cell in self.cells_and_names():
+                if isinstance(cell, (Linear, PatchEmbed, cpu_kernels.BiasGELUProject)):
+                    cell.use_sgemm()
 
     def unpatchify(self, x):
         """(N, F, T, p*p*C) -> (N, F, C, H, W)."""

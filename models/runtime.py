@@ -111,13 +111,13 @@ def _run_hash(argv):
 
 def compile_cache_key(device_target, mode, cpu_threads, argv=None):
     """A short hash of what a cached graph depends on: the ISA key, MindSpore's and Python's versions,
-    the sources of models/, LATTE_CONV, device, mode, threads and the command line with its config
+    the sources of models/, LATTE_CONV, LATTE_DENSE, device, mode, threads and the command line with its config
     files. The measured convolution choices (a graph keeps the conv it was compiled with) are checked
     per graph by _CompileGuard instead: hashing the choice file here would miss once more on every
     run that measures a new shape."""
     from models.cpu_features import isa_key
     parts = [isa_key(), ms.__version__, sys.version, _source_hash(),
-             os.environ.get("LATTE_CONV", "auto"), device_target, mode, str(cpu_threads),
+             os.environ.get("LATTE_CONV", "auto"), os.environ.get("LATTE_DENSE", "auto"), device_target, mode, str(cpu_threads),
              _run_hash(list(sys.argv if argv is None else argv))]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

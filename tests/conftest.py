@@ -15,6 +15,9 @@ os.environ.setdefault("MS_DEV_HOST_BLOCKING_RUN", "1")  # as latte_cli does
 # Tests are hermetic: no compiled graph is taken from (or left in) ~/.cache between runs;
 # tests/test_runtime.py points the cache at its own folders explicitly.
 os.environ.setdefault("LATTE_COMPILE_CACHE", "0")
+# Nor is the Linear layers' matmul measured (models/dense_select.py; tests/test_dense_select.py checks the
+# measuring with fakes): the fused path's sgemm Dense runs wherever libdnnl's sgemm is found.
+os.environ.setdefault("LATTE_DENSE", "sgemm")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
