@@ -152,7 +152,14 @@ def _cell_digest(cell):
     for key, param in cell.parameters_and_names():
         digest.update(f"{key}{tuple(param.shape)}{param.dtype};".encode())
     for prefix, sub in cell.cells_and_names():
+        # which cells and operators it is built of: the per-machine choices (dense_select's sgemm
+        # cells and Custom ops vs MatMul) take the same inputs and parameters, so without this a
+        # cache written under one choice would be loaded under the other
+        digest.update(f"{prefix}:{type(sub).__qualname__};".encode())
         for attr, value in sorted(vars(sub).items()):
+            if isinstance(value, ms.ops.Primitive):
+                func = getattr(value, "func", "")
+                digest.update(f"{prefix}.{attr}={value.name}:{str(func).rsplit(':', 1)[-1]};".encode())
             if isinstance(value, ms.Tensor) and not isinstance(value, ms.Parameter):
                 digest.update(f"{prefix}.{attr}{tuple(value.shape)}{value.dtype};".encode())
                 digest.update(value.asnumpy().tobytes())

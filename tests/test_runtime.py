@@ -37,8 +37,10 @@ class Net(nn.Cell):
         self.b = ms.Tensor(np.linspace(-1, 1, width, dtype=np.float32))
         self.p = ms.Parameter(ms.Tensor(np.ones(width, np.float32)), name="p")
         self.jitted = ms.jit(self.halve)  # how the VAE compiles its encoder and decoder
+        # an operator picked per machine (as dense_select picks sgemm or MatMul): same inputs and weights
+        self.act = ops.Sigmoid() if os.environ.get("ACT") == "sigmoid" else ops.ReLU()
     def construct(self, x):
-        return ops.relu(self.conv(x, self.w, self.b)) * self.p.reshape(1, -1, 1, 1) * 2
+        return self.act(self.conv(x, self.w, self.b)) * self.p.reshape(1, -1, 1, 1) * 2
     def halve(self, x):
         return self.conv(x, self.w, self.b) * 0.5
 
@@ -79,10 +81,10 @@ print("RESULT " + json.dumps({"folder": os.environ.get("MS_COMPILER_CACHE_PATH")
 """
 
 
-def _run(tmp_path, batches, cache="", jit_step="", selected_conv="", width=4):
+def _run(tmp_path, batches, cache="", jit_step="", selected_conv="", width=4, act="relu"):
     env = dict(os.environ, PYTHONPATH=str(ROOT), GLOG_v="2", LATTE_KERNEL_DIR=str(tmp_path / "kernels"),
                LATTE_COMPILE_CACHE=cache or str(tmp_path / "compile"), BATCHES=batches, JIT_STEP=jit_step,
-               SELECTED_CONV=selected_conv, WIDTH=str(width))
+               SELECTED_CONV=selected_conv, WIDTH=str(width), ACT=act)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
@@ -133,6 +135,17 @@ def test_compile_cache_never_loads_the_graph_of_a_network_of_another_width(tmp_p
     wider = _run(tmp_path, "2", width=6)
     assert wider["loaded"] == 0 and "compiling the rest of this run afresh" in wider["stderr"]
     assert np.array(wider["outs"][0]).shape == (2, 6, 6, 6)
+
+
+def test_compile_cache_never_loads_the_graph_of_another_operator_choice(tmp_path):
+    """Same command line, inputs and weights, but another operator in the network (what a changed
+    per-machine choice such as dense_select's sgemm vs MatMul makes): the first run's graph must not
+    be loaded, or the second would compute with the first's operators."""
+    _run(tmp_path, "2")
+    other = _run(tmp_path, "2", act="sigmoid")
+    assert "compiling the rest of this run afresh" in other["stderr"]
+    uncached = _run(tmp_path, "2", cache="0", act="sigmoid")
+    assert np.array_equal(np.array(other["outs"][0]), np.array(uncached["outs"][0]))
 
 
 def test_compile_cache_key_changes_with_model_sources(tmp_path, monkeypatch):
