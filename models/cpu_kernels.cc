@@ -838,12 +838,51 @@ int winograd4_output(int, void **p, int *, int64_t **s, const char **, void *, v
 // is input-transformed into a small V, multiplied plane by plane (A2 GEMMs (O, C) x (C, band)),
 // and output-transformed straight into y: the working memory is A2 * (C + O) * band floats (a few
 // MB), and V and M stay in cache between the steps. The GEMM is oneDNN's sgemm, which MindSpore
-// itself ships (libdnnl, found with dlsym once models/cpu_kernels.py has made it global), on the
-// calling thread (no threadpool: one intra-op thread, like the other kernels); where it cannot be
-// found a plain blocked loop does the same sums (slower, same rounding class).
+// itself ships (libdnnl, found with dlsym once models/cpu_kernels.py has made it global), each call
+// sequential (no threadpool); where it cannot be found a plain blocked loop does the same sums
+// (slower, same rounding class). The independent (image, band) work items are split over the intra-op
+// thread count (latte_set_threads, from runtime.setup_device's cpu_threads): each worker has its own
+// scratch and each band's arithmetic is the same whichever worker does it, so the output is
+// bit-identical for any thread count. (These kernels are nearly all of the VAE's work: on one core,
+// `--cpu_threads 8` would leave seven idle.)
 #include <dlfcn.h>
 
+#include <atomic>
+#include <memory>
+#include <system_error>
+#include <thread>
+#include <vector>
+
 namespace {
+
+std::atomic<int> g_band_threads{1};  // set by latte_set_threads; 1 until models/cpu_kernels.py sets it
+
+// work(worker, item) for every item in [0, items), over min(threads, items) workers (this thread is
+// worker 0). Items are taken from a shared counter, so an uneven machine still keeps every worker busy;
+// a thread that cannot be started leaves its share to the others.
+template <class Work>
+void for_each_item(int64_t items, int workers, Work &&work) {
+  std::atomic<int64_t> next{0};
+  auto loop = [&](int worker) {
+    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) work(worker, i);
+  };
+  std::vector<std::thread> pool;
+  for (int k = 1; k < workers; k++) {
+    try {
+      pool.emplace_back(loop, k);
+    } catch (const std::system_error &) {
+      break;
+    }
+  }
+  loop(0);
+  for (auto &t : pool) t.join();
+}
+
+int band_workers(int64_t items) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(g_band_threads.load(), items)));
+}
+
+std::unique_ptr<float[]> scratch(int64_t count) { return std::unique_ptr<float[]>(new float[count]); }
 
 using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
                         int64_t, float, float *, int64_t, void *);
@@ -870,14 +909,14 @@ void gemm_nn(int64_t m, int64_t n, int64_t k, const float *a, const float *b, fl
   }
 }
 
-// V (A2, C, band) of the tile rows [ty0, ty1) of image plane stack `x` (C, H, W)
+// V (A2, C, band) of the tile rows [ty0, ty1) of image plane stack `x` (C, H, W), channels [c0, c1)
 template <int M>
 void band_input(const float *x, float *v, int64_t c, int64_t h, int64_t w, int64_t ty0, int64_t ty1,
-                float *rows, float *d) {
+                float *rows, float *d, int64_t c0, int64_t c1) {
   using W = Wino<M>;
   constexpr int A = W::A;
   const int64_t tw = (w + M - 1) / M, pw = tw * M + 2, band = (ty1 - ty0) * tw;
-  for (int64_t ch = 0; ch < c; ch++) {
+  for (int64_t ch = c0; ch < c1; ch++) {
     const float *src = x + ch * h * w;
     float *dst = v + ch * band;
     for (int64_t ty = ty0; ty < ty1; ty++) {
@@ -914,14 +953,14 @@ void band_input(const float *x, float *v, int64_t c, int64_t h, int64_t w, int64
   }
 }
 
-// y rows of the tile rows [ty0, ty1) from M (A2, O, band), plus the bias
+// y rows of the tile rows [ty0, ty1) from M (A2, O, band), plus the bias, output channels [o0, o1)
 template <int M>
 void band_output(const float *m, const float *bias, float *y, int64_t o, int64_t h, int64_t w, int64_t ty0,
-                 int64_t ty1, float *t, float *out) {
+                 int64_t ty1, float *t, float *out, int64_t o0, int64_t o1) {
   using W = Wino<M>;
   constexpr int A = W::A;
   const int64_t tw = (w + M - 1) / M, band = (ty1 - ty0) * tw;
-  for (int64_t oc = 0; oc < o; oc++) {
+  for (int64_t oc = o0; oc < o1; oc++) {
     const float *src = m + oc * band;
     float *dst = y + oc * h * w;
     const float bo = bias[oc];
@@ -974,30 +1013,54 @@ void wino_fused(const float *x, const float *wt, const float *bias, float *y, in
   wino_weight<M>(wt, u, o, c);
   const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, pw = tw * M + 2;
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(th, kBandTiles / tw));
-  const int64_t max_band = band_rows * tw;
-  float *v = new float[A2 * c * max_band];
-  float *mm = new float[A2 * o * max_band];
-  float *rows = new float[A * pw];
-  float *d = new float[A * A * tw];
-  float *t = new float[M * A * tw];
-  float *out = new float[M * M * tw];
-  for (int64_t b = 0; b < n; b++) {
-    const float *xb = x + b * c * h * w;
-    float *yb = y + b * o * h * w;
-    for (int64_t ty0 = 0; ty0 < th; ty0 += band_rows) {
+  const int64_t max_band = band_rows * tw, bands = (th + band_rows - 1) / band_rows;
+  // per worker: V, M of one band and the transforms' row buffers (a few MB)
+  struct Scratch {
+    std::unique_ptr<float[]> v, mm, rows, d, t, out;
+  };
+  const int workers = band_workers(n * bands);
+  std::vector<Scratch> per(workers);
+  for (auto &s : per)
+    s = {scratch(A2 * c * max_band), scratch(A2 * o * max_band), scratch(A * pw), scratch(A * A * tw),
+         scratch(M * A * tw), scratch(M * M * tw)};
+  if (n * bands >= g_band_threads.load()) {  // enough bands: one band per work item
+    for_each_item(n * bands, workers, [&](int worker, int64_t item) {
+      Scratch &s = per[worker];
+      const int64_t b = item / bands, ty0 = (item % bands) * band_rows;
       const int64_t ty1 = std::min(th, ty0 + band_rows), band = (ty1 - ty0) * tw;
-      band_input<M>(xb, v, c, h, w, ty0, ty1, rows, d);
-      for (int a2 = 0; a2 < A2; a2++) gemm_nn(o, band, c, u + a2 * o * c, v + a2 * c * band, mm + a2 * o * band);
-      band_output<M>(mm, bias, yb, o, h, w, ty0, ty1, t, out);
+      band_input<M>(x + b * c * h * w, s.v.get(), c, h, w, ty0, ty1, s.rows.get(), s.d.get(), 0, c);
+      for (int a2 = 0; a2 < A2; a2++)
+        gemm_nn(o, band, c, u + a2 * o * c, s.v.get() + a2 * c * band, s.mm.get() + a2 * o * band);
+      band_output<M>(s.mm.get(), bias, y + b * o * h * w, o, h, w, ty0, ty1, s.t.get(), s.out.get(), 0, o);
+    });
+  } else {
+    // Fewer bands than threads (the 32 x 32, 512-channel layers are one band): split each band's
+    // steps instead, input channels, then the A2 GEMMs, then output channels, sharing worker 0's V
+    // and M. Every value is computed by the same loop or the same GEMM call as above.
+    const int split = std::min(g_band_threads.load(), A2);
+    std::vector<Scratch> rowbufs(split);
+    for (auto &s : rowbufs)
+      s = {nullptr, nullptr, scratch(A * pw), scratch(A * A * tw), scratch(M * A * tw), scratch(M * M * tw)};
+    float *v = per[0].v.get(), *mm = per[0].mm.get();
+    for (int64_t b = 0; b < n; b++) {
+      for (int64_t ty0 = 0; ty0 < th; ty0 += band_rows) {
+        const int64_t ty1 = std::min(th, ty0 + band_rows), band = (ty1 - ty0) * tw;
+        for_each_item(split, split, [&](int worker, int64_t part) {
+          band_input<M>(x + b * c * h * w, v, c, h, w, ty0, ty1, rowbufs[worker].rows.get(),
+                        rowbufs[worker].d.get(),
+                        c * part / split, c * (part + 1) / split);
+        });
+        for_each_item(A2, split, [&](int, int64_t a2) {
+          gemm_nn(o, band, c, u + a2 * o * c, v + a2 * c * band, mm + a2 * o * band);
+        });
+        for_each_item(split, split, [&](int worker, int64_t part) {
+          band_output<M>(mm, bias, y + b * o * h * w, o, h, w, ty0, ty1, rowbufs[worker].t.get(),
+                         rowbufs[worker].out.get(), o * part / split, o * (part + 1) / split);
+        });
+      }
     }
   }
   delete[] u;
-  delete[] v;
-  delete[] mm;
-  delete[] rows;
-  delete[] d;
-  delete[] t;
-  delete[] out;
 }
 
 }  // namespace
@@ -1017,6 +1080,10 @@ int winograd4_fused(int, void **p, int *, int64_t **s, const char **, void *, vo
 }
 // 1 when the GEMM is oneDNN's sgemm, 0 when it is the plain loop (for the bench's report)
 int winograd_sgemm_found() { return find_sgemm() != nullptr; }
+// Workers for the banded VAE convolutions (winograd{m}_fused, conv_band_*); below 1 means 1.
+// models/cpu_kernels.py calls it with runtime.setup_device's intra-op thread count.
+void latte_set_threads(int threads) { g_band_threads.store(std::max(1, threads)); }
+int latte_get_threads() { return g_band_threads.load(); }
 
 }  // extern "C"
 
@@ -1098,17 +1165,16 @@ int conv_band(void **params, int64_t **shapes, bool down) {
   g.stride = down ? 2 : 1;
   g.pad = down ? 0 : (g.k - 1) / 2;
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(g.ho, kBandTiles / g.wo));
-  float *cols = new float[rows * band_rows * g.wo];
-  for (int64_t n = 0; n < g.n; n++) {
-    const float *xn = x + n * g.c * g.h * g.w;
+  const int64_t bands = (g.ho + band_rows - 1) / band_rows;
+  const int workers = band_workers(g.n * bands);
+  std::vector<std::unique_ptr<float[]>> cols(workers);  // one band's im2col matrix per worker
+  for (auto &buf : cols) buf = scratch(rows * band_rows * g.wo);
+  for_each_item(g.n * bands, workers, [&](int worker, int64_t item) {
+    const int64_t n = item / bands, r0 = (item % bands) * band_rows, r1 = std::min(g.ho, r0 + band_rows);
     float *yn = y + n * o * g.ho * g.wo;
-    for (int64_t r0 = 0; r0 < g.ho; r0 += band_rows) {
-      const int64_t r1 = std::min(g.ho, r0 + band_rows);
-      im2col_rows(xn, cols, g, r0, r1);
-      gemm_nn_ld(o, (r1 - r0) * g.wo, rows, wm, cols, yn + r0 * g.wo, g.ho * g.wo);
-    }
-  }
-  delete[] cols;
+    im2col_rows(x + n * g.c * g.h * g.w, cols[worker].get(), g, r0, r1);
+    gemm_nn_ld(o, (r1 - r0) * g.wo, rows, wm, cols[worker].get(), yn + r0 * g.wo, g.ho * g.wo);
+  });
   delete[] wm;
   return 0;
 }

@@ -180,9 +180,50 @@ def expose_dnnl():
     return _dnnl_exposed
 
 
+_band_threads = 1  # workers of the banded VAE convolutions; set_threads changes it
+_handle = None  # ctypes handle of the library: the same dlopen handle, so the same globals, as MindSpore's
+
+
+def band_threads_for(cpu_threads):
+    """Workers for the banded VAE convolutions at runtime.setup_device's `cpu_threads`: that count,
+    or for 0 (MindSpore's own default, which uses the cores it may run on) the cores this process may use."""
+    cpu_threads = int(cpu_threads or 0)
+    if cpu_threads > 0:
+        return cpu_threads
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def set_threads(cpu_threads):
+    """Split the banded VAE convolutions (winograd{m}_fused, conv_band_*: nearly all of the VAE's work)
+    over the intra-op thread count, as MindSpore's own matmuls are. Called by runtime.setup_device;
+    reaches the library now if it is loaded, else when the first kernel op is made. Outputs are
+    bit-identical for any count (each band's arithmetic is unchanged)."""
+    global _band_threads
+    _band_threads = band_threads_for(cpu_threads)
+    if _handle is not None:
+        _handle.latte_set_threads(_band_threads)
+
+
+def library_threads():
+    """The worker count the loaded library holds (None before any kernel op is made): for tests."""
+    return None if _handle is None else _handle.latte_get_threads()
+
+
+def _load_handle(library):
+    # MindSpore dlopens the library by the same path when its first op runs; dlopen returns the
+    # handle already open, so the count set here is the one its kernels read
+    global _handle
+    if _handle is None:
+        import ctypes
+        _handle = ctypes.CDLL(library)
+        _handle.latte_set_threads.argtypes = [ctypes.c_int]
+        _handle.latte_set_threads(_band_threads)
+
+
 def _op(name, out_shape, out_dtype):
     library = _library or build_library()
     expose_dnnl()
+    _load_handle(library)
     return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=out_dtype, func_type="aot")
 
 

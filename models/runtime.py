@@ -44,6 +44,9 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, re
                 ms.device_context.cpu.op_tuning.threads_num(int(cpu_threads))
             except RuntimeError:
                 pass  # already fixed by an earlier call in this process; keep the first setting
+        if device_target == "CPU":
+            from models import cpu_kernels  # the banded VAE convs split over the same thread count
+            cpu_kernels.set_threads(cpu_threads)
         _configured = key
         if reuse_memory:
             try:

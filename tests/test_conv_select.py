@@ -162,3 +162,74 @@ def test_vae_conv_uses_the_selected_path(cache_dir, monkeypatch):
     for path, y in outs.items():
         np.testing.assert_allclose(y, outs["im2col"], rtol=0, atol=1e-5 * np.abs(outs["im2col"]).max(), err_msg=path)
     assert not Conv2d(8, 8, 3, stride=2, padding="down").selected  # the downsample keeps im2col
+
+
+# ---------------------------------------------------------------- threads of the banded kernels
+
+@pytest.fixture
+def band_threads():
+    """Set the banded kernels' worker count for one test; back to the suite's 1 afterwards."""
+    yield kernels.set_threads
+    kernels.set_threads(1)
+
+
+def _outputs_and_grads(cell, x, w, b, seed=5):
+    y = cell(x, w, b)
+    r = Tensor(np.random.default_rng(seed).standard_normal(y.shape).astype(np.float32))
+    grads = ms.grad(lambda x, w, b: (cell(x, w, b) * r).sum(), grad_position=(0, 1, 2))(x, w, b)
+    return [y.asnumpy()] + [g.asnumpy() for g in grads]
+
+
+# (n, c, h, w, o): several bands and a batch of 2 (one band per worker), and one band only (the 16 x 16
+# layers: its input channels, GEMM planes and output channels are split instead)
+THREAD_SHAPES = [(2, 6, 90, 44, 5), (1, 16, 16, 16, 8), (1, 7, 9, 6, 3)]
+
+
+@pytest.mark.parametrize("conv", ["winograd2", "winograd4", "im2col", "down"])
+@pytest.mark.parametrize("shape", THREAD_SHAPES)
+def test_banded_convs_at_several_threads_equal_one_thread_exactly(band_threads, conv, shape):
+    """The work items (bands, or a band's steps) go to the workers but each is the same computation,
+    so 2 and 3 threads give 1 thread's output and gradients bit for bit."""
+    n, c, h, w, o = shape
+    if conv == "down":
+        h, w = h + h % 2, w + w % 2
+    x, wt, b = _case(n, c, h, w, o, seed=11)
+    cell = {"winograd2": lambda: conv_select.WinogradConv(2), "winograd4": lambda: conv_select.WinogradConv(4),
+            "im2col": conv_select.Im2ColConv, "down": lambda: kernels.BandConv(3, down=True)}[conv]()
+    results = {}
+    for threads in (1, 2, 3):
+        band_threads(threads)
+        assert kernels.library_threads() == threads
+        results[threads] = _outputs_and_grads(cell, x, wt, b)
+    for threads in (2, 3):
+        for name, got, want in zip(("y", "dx", "dw", "db"), results[threads], results[1]):
+            assert np.array_equal(got, want), f"{conv} {shape} at {threads} threads: {name} differs"
+
+
+def test_zero_threads_means_the_cores_this_process_may_use():
+    import os
+    assert kernels.band_threads_for(0) == len(os.sched_getaffinity(0))
+    assert kernels.band_threads_for(5) == 5
+
+
+def test_setup_device_thread_count_reaches_the_kernels_mindspore_runs():
+    """runtime.setup_device(cpu_threads=3) sets the library's worker count, and the library MindSpore
+    loaded for its ops is that same one (one mapping of the file in the process, so one set of globals)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = (
+        "from models.runtime import setup_device\n"
+        "setup_device('CPU', 'pynative', cpu_threads=3)\n"
+        "import numpy as np\n"
+        "from mindspore import Tensor\n"
+        "from models import conv_select, cpu_kernels\n"
+        "x = Tensor(np.ones((1, 4, 8, 8), np.float32)); w = Tensor(np.ones((2, 4, 3, 3), np.float32))\n"
+        "conv_select.WinogradConv(2)(x, w, Tensor(np.zeros(2, np.float32))).asnumpy()\n"
+        "maps = {l.split()[-1] for l in open('/proc/self/maps') if 'latte_cpu_kernels' in l}\n"
+        "print(cpu_kernels.library_threads(), len(maps))\n")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=300,
+                         env={**__import__("os").environ, "PYTHONPATH": str(root), "LATTE_CONV": "auto"})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-2:] == ["3", "1"], run.stdout
