@@ -4,7 +4,7 @@ The winner differs by CPU: on an AVX-512 host MindSpore's own conv (oneDNN) meas
 im2col + matmul, on an AVX2 host (AMD Zen 3) it was faster. So, like cuDNN's benchmark mode, the
 first time a shape is seen each candidate runs on random data of that shape and the fastest one that
 is accurate enough is kept, in a JSON file keyed by `models.cpu_features.isa_key()` (ISA flags,
--march=native, compiler) and the thread count, under $LATTE_KERNEL_DIR (default ~/.cache/latte/kernels).
+-march=native, compiler), the kernels' source digest and the thread count, under $LATTE_KERNEL_DIR (default ~/.cache/latte/kernels).
 Later runs, and other processes on the same kind of machine, read the choice back and measure nothing.
 
 Candidates (all float32, "same" padding, stride 1, weights (O, C, 3, 3)):
@@ -52,7 +52,9 @@ def _threads():
 
 def cache_path():
     folder = Path(os.environ.get("LATTE_KERNEL_DIR") or Path.home() / ".cache" / "latte" / "kernels")
-    return folder / f"conv_select_{isa_key()}.json"
+    # keyed by the kernels' source too: a choice measured against other kernel code (whole-batch
+    # transforms, one thread) says nothing about these
+    return folder / f"conv_select_{isa_key()}_{kernels.source_digest()}.json"
 
 
 def shape_key(c, h, w, o):

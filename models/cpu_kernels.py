@@ -69,6 +69,12 @@ def _kernel_dir():
     return Path(os.environ.get("LATTE_KERNEL_DIR") or Path.home() / ".cache" / "latte" / "kernels")
 
 
+def source_digest():
+    """Digest of the kernels' source and flags: what a measured choice between kernels depends on
+    besides the machine (conv_select's and dense_select's cache files carry it in their names)."""
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+
+
 def library_name(compiler):
     """File name of the library for this machine and compiler: differs whenever the ISA (flags,
     resolved -march=native), the compiler version, the source or the flags differ."""

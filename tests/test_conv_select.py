@@ -111,6 +111,7 @@ def test_choice_is_measured_once_and_cached_under_isa_key(cache_dir, in_process,
     assert calls == [(1,) + BIG]
     path = conv_select.cache_path()
     assert path.parent == cache_dir and conv_select.isa_key() in path.name
+    assert conv_select.kernels.source_digest() in path.name  # choices measured on other kernel code are not reused
     assert json.loads(path.read_text()) == {conv_select.shape_key(*BIG): "winograd2"}
     monkeypatch.setattr(conv_select, "_choices", None)  # a new process reads the file, measures nothing
     assert conv_select.choose(*BIG) == "winograd2" and len(calls) == 1

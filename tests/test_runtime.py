@@ -185,7 +185,7 @@ def test_compile_cache_reloads_a_graph_only_while_its_conv_choice_holds(tmp_path
     """A graph keeps the convolution it was compiled with: after the choice file changes (re-measured
     on another load, or edited), that graph is compiled afresh, never reloaded with the old conv."""
     from models import conv_select
-    choices = tmp_path / "kernels" / f"conv_select_{conv_select.isa_key()}.json"
+    choices = tmp_path / "kernels" / f"conv_select_{conv_select.isa_key()}_{conv_select.kernels.source_digest()}.json"
     choices.parent.mkdir()
     choices.write_text(json.dumps({"64x128x128->64@t1": "winograd2"}))
     first = _run(tmp_path, "2", selected_conv="1")
