@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 # The fast tier for development: everything but the end-to-end runs marked `slow` (whole commands in
 # subprocesses, minutes each). `make test` still runs everything.

@@ -254,8 +254,9 @@ def _train(tmp_path, name, cache, *args):
 def test_compile_cache_reloads_the_training_step_bit_equal(tmp_path, accumulation):
     """A repeated `latte train` loads its step's graphs (fused; or accumulate/finish/apply) and the
     validation graph from the cache, and its losses, grad norms and final weights, EMA and optimizer
-    moments equal the first run's and an uncached run's exactly. A reloaded ms.jit step outside a
-    Cell got no weights bound and ran to loss NaN at step 1."""
+    moments equal the first run's exactly (the first run compiles, as an uncached run does; cached
+    and uncached graphs are compared in test_compile_cache_results_bit_equal_without_cache). A
+    reloaded ms.jit step outside a Cell got no weights bound and ran to loss NaN at step 1."""
     from latent_cache import make_latent_cache
     make_latent_cache(tmp_path / "latents", num_entries=10, frames=(6, 12), latent_size=8, seed=0, short_entries=1)
     args = ("--gradient_accumulation_steps", accumulation)
@@ -273,11 +274,8 @@ def test_compile_cache_reloads_the_training_step_bit_equal(tmp_path, accumulatio
     assert second["loaded"] == len(graphs) and "differ" not in second["stderr"]
     assert [p.name for p in Path(cache).iterdir() if p.is_dir()] == [manifest.parent.name]  # one folder, reused
     assert sorted(Path(cache).rglob("*.mindir")) == saved
-    uncached = _train(tmp_path, "uncached", "0", *args)
-    assert uncached["loaded"] == 0
     assert all(np.isfinite(v) for s in second["stats"] for v in s[1:] if v is not None)
-    assert second["stats"] == first["stats"] == uncached["stats"]
-    assert second["tensors"].keys() == first["tensors"].keys() == uncached["tensors"].keys()
+    assert second["stats"] == first["stats"]
+    assert second["tensors"].keys() == first["tensors"].keys()
     for name, value in first["tensors"].items():
         assert np.array_equal(second["tensors"][name], value), name
-        assert np.array_equal(uncached["tensors"][name], value), name
