@@ -72,17 +72,21 @@ def _load():
     return _choices
 
 
-def _save():
-    """Atomic write (temp file + rename): concurrent processes never read half a file."""
-    path = cache_path()
+def save_choices(path, choices, what):
+    """Atomic write (temp file + rename): concurrent processes never read half a file. Also
+    dense_select's. A read-only home only prints a note: measure again next run, never fail."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
         with os.fdopen(fd, "w") as f:
-            json.dump(_choices, f, indent=1, sort_keys=True)
+            json.dump(choices, f, indent=1, sort_keys=True)
         os.replace(tmp, path)
-    except OSError as exc:  # a read-only home: measure again next run, never fail the conv
-        print(f"note: cannot save convolution choices to {path} ({exc}); set LATTE_KERNEL_DIR", file=sys.stderr)
+    except OSError as exc:
+        print(f"note: cannot save {what} to {path} ({exc}); set LATTE_KERNEL_DIR", file=sys.stderr)
+
+
+def _save():
+    save_choices(cache_path(), _choices, "convolution choices")
 
 
 def _timed(fn, budget):

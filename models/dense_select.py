@@ -49,18 +49,7 @@ def _load():
 
 
 def _save(choices):
-    """Atomic write (temp file + rename), like conv_select's."""
-    import json
-    import tempfile
-    path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(choices, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError as exc:
-        print(f"note: cannot save the matmul choice to {path} ({exc}); set LATTE_KERNEL_DIR", file=sys.stderr)
+    conv_select.save_choices(cache_path(), choices, "the matmul choice")
 
 
 def choose():
