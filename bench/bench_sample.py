@@ -24,12 +24,21 @@ bench/bench_train.py's shim swaps them for the classic layers while MindONE's mo
 (the network code itself is unchanged), so this file reuses it.
 
 Then, with our network only: the wall time of a whole DDIM-50 and a whole DDPM-250 sampling run.
+
+Memory, both sides: peak RSS (VmHWM) and, at the highest VmRSS a thread sampled every 5 ms, its split
+into RssAnon (heap, tensors, graphs: the work) and RssFile (mapped library code and files), then the
+resident set by mapping at the end (/proc/self/smaps grouped: the framework's libraries, oneDNN, other
+shared objects and Python extensions, heap and anonymous memory). Ours drops the clean library pages
+it no longer runs, as `latte sample` does (models.runtime.drop_clean_library_pages);
+`--compare_library_pages` adds a third side, ours with them kept (LATTE_DROP_LIBRARY_PAGES=0).
 """
 import argparse
+import collections
 import importlib.util
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -42,6 +51,70 @@ import numpy as np  # noqa: E402
 
 SIZE = dict(depth=12, hidden_size=384, patch_size=2, num_heads=6)  # Latte-S/2
 FRAMES, LATENT = 16, 32
+
+
+_STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
+
+
+def _status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in _STATUS_KEYS or key == "VmHWM":
+                out[key] = int(line.split()[1]) / 1024
+    return out
+
+
+class PeakSplit(threading.Thread):
+    """Samples /proc/self/status every `every_s` and keeps the sample of the highest VmRSS: VmHWM says
+    how high the resident set went, this says of what (anon vs file pages) it was made there. A
+    sample may miss the exact peak moment by a few ms; `at_peak()` gives VmRSS with the split."""
+
+    def __init__(self, every_s=0.005):
+        super().__init__(daemon=True)
+        self.every_s, self.best, self.stop = every_s, _status(), False
+
+    def run(self):
+        while not self.stop:
+            now = _status()
+            if now["VmRSS"] > self.best["VmRSS"]:
+                self.best = now
+            time.sleep(self.every_s)
+
+    def at_peak(self):
+        now = _status()
+        best = now if now["VmRSS"] > self.best["VmRSS"] else self.best
+        return {"peak_rss_mb": now["VmHWM"], "sampled_peak_mb": best["VmRSS"], "peak_anon_mb": best["RssAnon"],
+                "peak_file_mb": best["RssFile"], "peak_shmem_mb": best.get("RssShmem", 0.0)}
+
+
+def _mapping_group(name):
+    base = os.path.basename(name)
+    if not name.startswith("/"):
+        return "heap+anon" if name in ("", "[heap]") or name.startswith("[anon") else name
+    if base.startswith(("libmindspore", "libms", "_c_expression", "_c_dataengine", "_c_mindrecord")):
+        return "mindspore .so"
+    if base.startswith(("libtorch", "libc10", "_C.")):
+        return "torch .so"
+    if base.startswith(("libdnnl", "libmkl", "libgomp", "libiomp")):
+        return "oneDNN/OpenMP .so"
+    if ".so" in base:
+        return "other .so/ext"
+    return "other files"
+
+
+def mapping_rss():
+    """Resident MB by mapping group (see _mapping_group), largest first, from /proc/self/smaps."""
+    groups, current = collections.Counter(), "heap+anon"
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(None, 6)
+            if head and "-" in head[0] and not head[0].endswith(":"):
+                current = _mapping_group(head[5].strip() if len(head) > 5 else "")
+            elif head and head[0] == "Rss:":
+                groups[current] += int(head[1]) / 1024
+    return {k: round(v, 1) for k, v in groups.most_common()}
 
 
 def _bench_train():
@@ -120,12 +193,16 @@ def child(args):
     """One side in this process: time `steps` denoising steps after 2 warm-up ones; report."""
     if args.role == "torch":
         return child_torch(args)
-    from models.runtime import setup_device
+    peak = PeakSplit()
+    peak.start()
+    from models.runtime import drop_clean_library_pages, setup_device
     setup_device("CPU", mode="graph", cpu_threads=args.cpu_threads, seed=0, reuse_memory=True)  # as latte sample
     import mindspore as ms
 
+    drop_clean_library_pages()  # as latte sample: after the import, and after loading the network
     rng = np.random.default_rng(0)
     ours = _ours(rng)
+    drop_clean_library_pages()
     net = ours
     extra = {"fused_kernels": int(bool(ours.fused_kernels))}
     if args.role == "mindone":
@@ -147,15 +224,19 @@ def child(args):
     if args.role == "ours":
         # the peak RSS of sampling is taken before the matmul-peak probe adds its own matrices and
         # graph (the torch side runs none); the round line shows both
-        step_peak = peer.vmhwm_mb()
+        split, maps = peak.at_peak(), mapping_rss()
+        peak.stop = True
         out["matmul_peak_gflops"] = _bench_train().matmul_peak()
         out["peak_rss_mb_with_matmul_probe"] = peer.vmhwm_mb()
-        print("RESULT " + json.dumps(dict(out, peak_rss_mb=step_peak, load_avg=os.getloadavg()[0])), flush=True)
+        print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0])), flush=True)
         return
-    peer.report(out)
+    peak.stop = True
+    peer.report(dict(out, **{k: v for k, v in peak.at_peak().items() if k != "peak_rss_mb"}, mappings=mapping_rss()))
 
 
 def child_torch(args):
+    peak = PeakSplit()
+    peak.start()
     import torch
     import peer
     from torch_latte import Latte as TorchLatte
@@ -182,8 +263,10 @@ def child_torch(args):
             x = mean + (0.5 * log_var).exp() * torch.randn_like(x) if i else mean
             times.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-    peer.report({"s_per_step": float(np.median(times[2:])), "cpu_s_per_step": float(np.median(cpu[2:])),
-                 "first_s": times[0], "torch": torch.__version__})
+    peak.stop = True
+    split = {k: v for k, v in peak.at_peak().items() if k != "peak_rss_mb"}  # report() adds VmHWM
+    peer.report(dict(split, s_per_step=float(np.median(times[2:])), cpu_s_per_step=float(np.median(cpu[2:])),
+                     first_s=times[0], torch=torch.__version__, mappings=mapping_rss()))
 
 
 def main():
@@ -194,6 +277,8 @@ def main():
     p.add_argument("--rounds", type=int, default=2, help="alternations of the sides")
     p.add_argument("--cpu_threads", type=int, default=1)
     p.add_argument("--skip_full", dest="full", action="store_false", help="skip the whole DDIM-50 / DDPM-250 runs")
+    p.add_argument("--compare_library_pages", action="store_true",
+                   help="also run ours with its clean library pages kept resident (LATTE_DROP_LIBRARY_PAGES=0)")
     p.add_argument("--role", choices=("ours", "torch", "mindone"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.role:
@@ -205,7 +290,9 @@ def main():
           f"{args.cpu_threads} CPU thread(s), {args.rounds} rounds", flush=True)
     py = peer.latte_peers(args.peer_python, args.mindone_path)
     common = ["--steps", str(args.steps), "--cpu_threads", str(args.cpu_threads)]
-    sides = {"ours": [sys.executable, __file__, "--role", "ours"] + common + ([] if args.full else ["--skip_full"]),
+    ours_cmd = [sys.executable, __file__, "--role", "ours"] + common + ([] if args.full else ["--skip_full"])
+    sides = {"ours": ours_cmd,
+             "ours_kept": (ours_cmd, {"LATTE_DROP_LIBRARY_PAGES": "0"}) if args.compare_library_pages else None,
              "torch": [py, __file__, "--role", "torch"] + common if py else None,
              "mindone": ([sys.executable, __file__, "--role", "mindone", "--mindone_path", args.mindone_path,
                           "--skip_full"] + common) if args.mindone_path else None}
@@ -219,15 +306,30 @@ def main():
                   f"{peer.median(rs, 'first_s'):.1f} s, peak RSS {peer.median(rs, 'peak_rss_mb'):.0f} MB"
                   + (f", max |diff| vs ours {rs[0]['max_diff_vs_ours']:.1e} (its RSS includes ours)"
                      if which == "mindone" else ""))
+            if "peak_anon_mb" in rs[-1]:
+                last = rs[-1]
+                print(f"{'':8s} at its highest sampled RSS ({last['sampled_peak_mb']:.0f} MB, last round): "
+                      f"anon {last['peak_anon_mb']:.0f} + file {last['peak_file_mb']:.0f} + shmem "
+                      f"{last['peak_shmem_mb']:.0f} MB; resident at the end by mapping: " + ", ".join(
+                          f"{k} {v:.0f}" for k, v in last["mappings"].items() if v >= 1))
     ours = res["ours"]
     if ours:
         t_ours = peer.median(ours, "s_per_step")
-        for which in ("torch", "mindone"):
-            if res.get(which):
-                cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
-                print(f"ours vs {which}: {peer.ratio(peer.median(res[which], 's_per_step'), t_ours)} its steps/s "
-                      f"(CPU-s: {cpu}); "
-                      f"peak memory {peer.ratio(peer.median(ours, 'peak_rss_mb'), peer.median(res[which], 'peak_rss_mb'))} its")
+        def mem(key, which):
+            return peer.ratio(peer.median(ours, key), peer.median(res[which], key))
+
+        for which in ("torch", "mindone", "ours_kept"):
+            if not res.get(which):
+                continue
+            if which == "ours_kept":
+                print(f"ours vs ours_kept (library pages kept resident): peak memory {mem('peak_rss_mb', which)} its; "
+                      f"anon at the peak {peer.median(ours, 'peak_anon_mb'):.0f} vs "
+                      f"{peer.median(res[which], 'peak_anon_mb'):.0f} MB")
+                continue
+            cpu = peer.ratio(peer.median(res[which], "cpu_s_per_step"), peer.median(ours, "cpu_s_per_step"))
+            anon = f", anon at the peak {mem('peak_anon_mb', which)} its" if "peak_anon_mb" in res[which][0] else ""
+            print(f"ours vs {which}: {peer.ratio(peer.median(res[which], 's_per_step'), t_ours)} its steps/s "
+                  f"(CPU-s: {cpu}); peak memory {mem('peak_rss_mb', which)} its{anon}")
         flops = _bench_train().latte_train_flops(depth=SIZE["depth"], frames=FRAMES, size=LATENT) / 3
         peak = max(r["matmul_peak_gflops"] for r in ours)
         print(f"one step = {flops / 1e9:.0f} GFLOP of matmuls; fp32 matmul peak {peak:.0f} GFLOP/s (best of "

@@ -7,8 +7,9 @@
 `models.video_io` writes the GIF (Pillow), MP4 (PyAV) and PNG grids. MindSpore is imported on first use.
 """
 from sampler.config import SampleConfig
-from sampler.sample import (decode_latents, load_latte, load_vae, main, sample,
+from sampler.sample import (decode_latents, load_latte, load_vae, main, release_network, sample,
                             sample_latents, write_videos)
 
 __all__ = ["SampleConfig", "main", "sample", "sample_latents", "decode_latents", "load_latte", "load_vae",
+           "release_network",
            "write_videos"]

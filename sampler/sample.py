@@ -196,6 +196,9 @@ def sample_latents(net, diffusion, num_samples, seed, batch_size=0, method="ddpm
     shape = (net.num_frames, net.in_channels, net.input_size, net.input_size)
     batch_size = batch_size or num_samples
     use_cfg = guidance_scale > 1.0
+    if use_cfg:  # a Cell, so that the loop compiles it before the first step like the plain network
+        from sampler.guided import GuidedLatte
+        guided = GuidedLatte(net, guidance_scale)
     out = []
     for start in range(0, num_samples, batch_size):
         idx = list(range(start, min(start + batch_size, num_samples)))
@@ -208,7 +211,7 @@ def sample_latents(net, diffusion, num_samples, seed, batch_size=0, method="ddpm
             y = np.asarray([labels[i] for i in idx], np.int32)
             if use_cfg:  # [conditional half, unconditional half]; the halves share x_T and all noise
                 y = np.concatenate([y, np.full(n, num_classes, np.int32)])
-                model = lambda x, t, y: net.forward_with_cfg(x, t, y, guidance_scale)  # noqa: E731
+                model = guided
             kwargs["y"] = Tensor(y)
         rows = 2 * n if use_cfg else n
         loop = diffusion.ddim_sample_loop if method == "ddim" else diffusion.p_sample_loop
@@ -216,6 +219,32 @@ def sample_latents(net, diffusion, num_samples, seed, batch_size=0, method="ddpm
         z = loop(model, (rows,) + shape, clip_denoised=False, model_kwargs=kwargs, progress=progress, rng=rngs, **extra)
         out.append(z.asnumpy()[:n])
     return np.concatenate(out)
+
+
+def release_network(net):
+    """Free what the denoising network holds once its last step ran, so that the VAE decode does not
+    come on top of it (`latte sample`'s peak was set there, Latte's graph and weights still resident):
+    MindSpore's compiled graphs and their memory (`ms.ms_memory_recycle`: every graph of the process,
+    so call it before the decode compiles the VAE's), the weights (each Parameter's data swapped for
+    one element: a compiled Cell stays referenced from MindSpore's C++ side, measured, so dropping the
+    Python name frees nothing), then the heap this freed (malloc_trim) and the library pages mapped
+    only for the denoising. `net` cannot be called afterwards. Returns the RSS it freed, MB."""
+    import gc
+
+    import mindspore as ms
+
+    from models.diffusion import release_freed_heap
+    from models.runtime import drop_clean_library_pages, rss_split
+
+    before = rss_split()["VmRSS"]
+    ms.ms_memory_recycle()
+    empty = ms.Tensor(np.zeros((1,), np.float32))
+    for p in net.get_parameters():
+        p.set_data(empty, slice_shape=True)
+    gc.collect()
+    release_freed_heap()
+    drop_clean_library_pages()
+    return max(0.0, before - rss_split()["VmRSS"])
 
 
 def decode_latents(vae, latents, scale_factor, micro_batch=8):
@@ -310,8 +339,9 @@ def _write_outputs(cfg, latents, videos, loaded):
 def sample(cfg):
     """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
     new folder under `output_folder`; returns that folder."""
-    from models.runtime import setup_device
+    from models.runtime import drop_clean_library_pages, setup_device
     setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed, reuse_memory=True)
+    drop_clean_library_pages()  # before loading: what `import mindspore` mapped and never runs again
 
     from models import read_metadata
     from models.diffusion import create_diffusion
@@ -332,6 +362,7 @@ def sample(cfg):
 
     image_size = config["input_size"] * vae.downscale
     n_params = sum(p.size for p in net.get_parameters())
+    drop_clean_library_pages()  # and what loading mapped, before the denoising's compile
     weights = f" ({group} weights)" if group else ""
     print(f"loaded {path}{weights}: Latte {n_params / 1e6:.2f} M parameters, {config['num_frames']} frames of "
           f"{image_size}x{image_size} px, {'classes ' + str(num_classes) if num_classes else 'unconditional'}; "
@@ -348,8 +379,11 @@ def sample(cfg):
                              cfg.guidance_scale, labels, num_classes, progress=cfg.progress)
     t2 = time.time()
     _refuse_non_finite(latents, path)
+    release_network(net)
+    del net
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
+    drop_clean_library_pages()  # the decode's (the VAE graph's compile) before the writers map theirs
 
     # -- write ------------------------------------------------------------------------------------
     loaded = {"checkpoint": path, "weights": group or "plain", "model": config, "labels": labels,

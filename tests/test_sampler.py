@@ -187,6 +187,24 @@ def test_guidance_changes_class_samples_and_scale_one_is_a_no_op(classy):
     assert np.abs(other[0] - plain[0]).mean() > 1e-2
 
 
+def test_guided_sampling_compiles_its_graph_before_the_first_step_then_releases_the_heap(classy, monkeypatch):
+    """Classifier-free guidance runs as a Cell (sampler.guided.GuidedLatte), so the loop compiles it
+    before the first step and trims the compile's freed heap, as for the plain network (a lambda got
+    neither); its samples are those of the lambda over forward_with_cfg."""
+    import models.diffusion as diffusion_module
+
+    diffusion = create_diffusion("4")
+    y = ms.Tensor(np.array([0, 2, 3, 3], np.int32))
+    rngs = [np.random.default_rng([1, i]) for i in range(2)]
+    by_lambda = diffusion.p_sample_loop(lambda x, t, y: classy.forward_with_cfg(x, t, y, 4.0), (4, 4, 4, 8, 8),
+                                        clip_denoised=False, model_kwargs={"y": y}, rng=rngs).asnumpy()[:2]
+    released = []
+    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: released.append(1))
+    guided = sample_latents(classy, diffusion, 2, seed=1, guidance_scale=4.0, labels=[0, 2], num_classes=3)
+    assert released == [1]
+    assert_f32_close(guided, by_lambda, ulps=1024)  # one graph instead of the net's graph plus op-by-op mixing
+
+
 # ------------------------------------------------------------------------------------------------
 # files
 # ------------------------------------------------------------------------------------------------
@@ -234,6 +252,39 @@ def test_cli_writes_gifs_mp4s_grid_and_config_into_a_new_folder_per_run(files, e
     (second,) = [p for p in tmp_path.iterdir() if p != folder]
     assert sorted(os.listdir(second)) == ["config.yaml", "grid.png", "latents.npy"]
     assert np.abs(np.load(second / "latents.npy") - ema_latents).mean() > 1e-2  # the other weights
+
+
+def test_latte_sample_releases_the_network_before_decoding_and_decodes_the_same_videos(files, tmp_path,
+                                                                                         monkeypatch):
+    """The Latte net's graphs and weights are freed before the VAE decode (its peak was set there with
+    them resident); the decode still gives, bit for bit, the videos of a fresh VAE on the saved latents."""
+    import sys
+
+    from sampler import decode_latents, load_vae, release_network
+    sample_module = sys.modules["sampler.sample"]  # `sampler.sample` is the function of that name
+
+    events, decoded = [], []
+
+    def release(net):
+        events.append("release")
+        release_network(net)
+        events.append(sorted({int(p.size) for p in net.get_parameters()}))  # every weight emptied
+
+    def decode(*args, **kwargs):
+        events.append("decode")
+        decoded.append(decode_latents(*args, **kwargs))
+        return decoded[-1]
+
+    monkeypatch.setattr(sample_module, "release_network", release)
+    monkeypatch.setattr(sample_module, "decode_latents", decode)
+    assert _cli(files, "--save_latents", "True", "--save_mp4", "False", out=tmp_path) == 0
+    assert events == ["release", [1], "decode"]
+    (folder,) = list(tmp_path.iterdir())
+    latents = np.load(folder / "latents.npy")
+    cfg = sample_module.SampleConfig(vae=str(files["vae"]))
+    again = decode_latents(load_vae(cfg), latents, 0.18215, micro_batch=16)
+    assert again.dtype == np.uint8 and again.shape == decoded[0].shape
+    np.testing.assert_array_equal(decoded[0], again)
 
 
 def test_cli_loads_a_converted_checkpoint_like_the_ema_weights_of_a_training_one(files, ema_latents, tmp_path):
