@@ -71,3 +71,27 @@ def test_clip_inside_the_update_equals_scaling_every_gradient_first(accumulation
     for name, p in new.graphs.parameters_and_names():
         other = dict(ref.graphs.parameters_and_names())[name]
         assert np.array_equal(p.asnumpy(), other.asnumpy()), name  # weights, moments, EMA, buffers
+
+
+def test_heap_is_released_after_each_new_graph_compile_only(monkeypatch):
+    """The compile's freed working memory goes back to the OS before the graph's first run (the
+    training step's activations would land beside it), once per compiled graph, not every call."""
+    from models import diffusion, runtime
+
+    runtime._release_heap_after_compiles()  # setup_device installs it; installing twice is a no-op
+    runtime._release_heap_after_compiles()
+    events = []
+    monkeypatch.setattr(diffusion, "release_freed_heap", lambda: events.append("release"))
+
+    class Twice(ms.nn.Cell):
+        @ms.jit
+        def double(self, x):
+            return x * 2
+
+    cell = Twice()
+    x = Tensor(np.ones((3,), np.float32))
+    assert cell.double(x).asnumpy().tolist() == [2.0, 2.0, 2.0]
+    cell.double(x)
+    assert events == ["release"]
+    cell.double(Tensor(np.ones((2, 5), np.float32)))  # another input shape: a new graph
+    assert events == ["release", "release"]
