@@ -317,6 +317,7 @@ def run_one(which, args):
     net.set_train(False)
     cfg = TrainConfig(cache_folder="-", learning_rate=1e-4, clip_max_norm=0.1, start_clip_iter=0)
     step = TrainStep(net, create_diffusion(""), cfg)
+    built_mb = peer.vmhwm_mb()  # import + weights + optimizer state: what the step's peak stands on
     rng = np.random.default_rng(0)
     shape = (SHAPE["batch"], SHAPE["num_frames"], SHAPE["channels"], SHAPE["size"], SHAPE["size"])
     times, cpu_times, losses = [], [], []
@@ -336,7 +337,7 @@ def run_one(which, args):
         losses.append(loss)
     out = {"s_per_step": float(np.median(times)), "first_step_s": t_compile,
            "start_to_step1_s": since_start, "start_to_step1_cpu_s": cpu_since_start,
-           "cpu_s_per_step": float(np.median(cpu_times)),
+           "cpu_s_per_step": float(np.median(cpu_times)), "built_rss_mb": built_mb,
            "params": int(sum(p.size for p in step.params)), "loss": float(losses[-1]),
            "fused_kernels": int(bool(getattr(net, "fused_kernels", False))),
            "dense_impl": getattr(net, "dense_impl", "mindspore")}
@@ -428,7 +429,9 @@ def main():
               f"CPU-s/step, first step (incl. compile) {peer.median(rs, 'first_step_s'):.1f} s, peak RSS "
               f"{peer.median(rs, 'peak_rss_mb') / 1024:.2f} GB, {rs[0]['params'] / 1e6:.2f} M params"
               + (", fused CPU kernels" if which == "ours" and rs[0].get("fused_kernels") else "")
-              + (f", Linear matmuls on {rs[0]['dense_impl']}" if which == "ours" else ""))
+              + (f", Linear matmuls on {rs[0]['dense_impl']}" if which == "ours" else "")
+              + (f" (model and optimizer state built: {peer.median(rs, 'built_rss_mb') / 1024:.2f} GB; the rest is "
+                 "the step: graph compile, activations, gradients)" if "built_rss_mb" in rs[0] else ""))
     if ours and "start_to_step1_s" in ours[0]:
         print("ours, process start to the end of step 1 (imports, build, compile or cache load, one step): "
               + "; ".join(f"round {i + 1} {r['start_to_step1_s']:.1f} s wall / {r['start_to_step1_cpu_s']:.1f} CPU-s"

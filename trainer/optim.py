@@ -66,13 +66,22 @@ class AdamW:
         return tuple(_f32(v) for v in (lr, 1.0 - lr * self.weight_decay, b1p, b2p,
                                        self.eps * math.sqrt(1.0 - b2p)))
 
-    def update(self, grads, lr, decay, b1p, b2p, eps_t):
+    def update(self, grads, lr, decay, b1p, b2p, eps_t, coef=None):
+        """One AdamW step of every parameter. `coef` (a scalar tensor, or None) is the gradient clip
+        factor: each gradient is scaled just before its own Adam kernel, and that product waits for
+        the previous parameter's update, so at most one scaled gradient exists at a time (a list of
+        scaled copies made before the loop held a second set of all gradients: 130 MB at Latte-S/2).
+        The numbers are those of scaling first: the same g * coef, then the same kernel."""
         done = []
+        previous = None
         for p, m, v, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            if coef is not None:
+                g = (g if previous is None else ops.depend(g, previous)) * coef
             if self.weight_decay:  # a Python constant: no op at all when 0, the original's default
                 # the gradient waits for the decay, so Adam updates the decayed weights in place
                 g = ops.depend(g, ops.assign(p, p * decay))
-            done.append(self._adam(p, m, v, b1p, b2p, lr, self._b1, self._b2, eps_t, g)[0])
+            previous = self._adam(p, m, v, b1p, b2p, lr, self._b1, self._b2, eps_t, g)[0]
+            done.append(previous)
         return done
 
     def state(self):

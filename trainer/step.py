@@ -63,8 +63,8 @@ class StepGraphs(nn.Cell):
             stats = self.allreduce(stats) / self.world_size
         return stats
 
-    def _update(self, grads, lr, decay, b1p, b2p, eps_t, ema_decay):
-        done = self.optimizer.update(grads, lr, decay, b1p, b2p, eps_t)
+    def _update(self, grads, lr, decay, b1p, b2p, eps_t, ema_decay, coef=None):
+        done = self.optimizer.update(grads, lr, decay, b1p, b2p, eps_t, coef)
         # EMA reads the updated weights: make it wait for every Adam kernel.
         ema_decay = ops.depend(ema_decay, done)
         return self.ema.update(ema_decay)
@@ -74,10 +74,9 @@ class StepGraphs(nn.Cell):
         if self.world_size > 1:
             grads = self.reducer(grads)
         norm = global_norm(grads)
-        if self.clip:
-            coef = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-            grads = [g * coef for g in grads]
-        done = self._update(grads, lr, decay, b1p, b2p, eps_t, ema_decay)
+        # the clip factor is applied inside the update, one gradient at a time (no scaled copy of all)
+        coef = ops.minimum(max_norm / (norm + 1e-6), 1.0) if self.clip else None
+        done = self._update(grads, lr, decay, b1p, b2p, eps_t, ema_decay, coef)
         return ops.depend(self._mean_over_ranks(stats), done), ops.depend(norm, done)
 
     def _accumulate_step(self, x0, t, noise, y, scale):
@@ -93,8 +92,7 @@ class StepGraphs(nn.Cell):
         return ops.depend(global_norm(grads), done), ops.depend(self._mean_over_ranks(stats), done)
 
     def _apply_step(self, lr, decay, b1p, b2p, eps_t, coef, ema_decay):
-        grads = [a * coef for a in self.accum] if self.clip else list(self.accum)
-        done = self._update(grads, lr, decay, b1p, b2p, eps_t, ema_decay)
+        done = self._update(list(self.accum), lr, decay, b1p, b2p, eps_t, ema_decay, coef if self.clip else None)
         # the buffers are cleared only after the update has read them
         zero = [ops.assign(a, ops.depend(ops.zeros_like(a), done)) for a in self.accum]
         return ops.depend(ema_decay, zero)
