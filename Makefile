@@ -12,13 +12,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Both cores: one pytest worker each (pytest-xdist). A module's tests and the msrun tests stay on one
+# worker (tests/conftest.py); `make test PARALLEL=` runs everything in one process.
+PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
+
 test: $(VENV)/.installed
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests $(PARALLEL) --durations=15
 
 # The fast tier for development: everything but the end-to-end runs marked `slow` (whole commands in
 # subprocesses, minutes each). `make test` still runs everything.
 test-fast: $(VENV)/.installed
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests $(PARALLEL) -m "not slow"
 
 # The whole product on synthetic sky videos: data -> latte ingest -> latte train -> latte sample.
 demo: $(VENV)/.installed
