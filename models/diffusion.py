@@ -15,6 +15,7 @@ Random numbers in the samplers: see `GaussianDiffusion.p_sample_loop`.
 """
 import ctypes
 import ctypes.util
+import inspect
 import math
 
 import numpy as np
@@ -472,10 +473,16 @@ class GaussianDiffusion:
         """Graph mode, a network Cell: compile its graph for this batch before the first step runs it,
         then return what the compile freed to the OS (`release_freed_heap`), so that the step's
         activations do not come on top of it: the sampling run's peak RSS, ~50 MB less for Latte-S/2.
-        The step's own call then finds the graph compiled (the same arguments)."""
+        The step's own call then finds the graph compiled: its arguments go in as the call passes them,
+        positionally (a Cell call binds keyword arguments to positions, and MindSpore keys a graph by
+        how its arguments came: a class label given as `y=` compiled a second graph at the first step).
+        Where setup_device's hook trims after every new compile, it is not trimmed twice."""
         if isinstance(model, ms.nn.Cell) and ms.get_context("mode") == ms.GRAPH_MODE:
-            model.compile(x, self._model_timesteps(t), **(model_kwargs or {}))
-            release_freed_heap()
+            bound = inspect.signature(model.construct).bind(x, self._model_timesteps(t), **(model_kwargs or {}))
+            model.compile(*bound.args, **bound.kwargs)
+            from models.runtime import heap_released_after_compiles  # runtime imports this module late
+            if not heap_released_after_compiles():
+                release_freed_heap()
 
     @staticmethod
     def _initial_noise(shape, noise, rng):

@@ -259,6 +259,12 @@ def _release_heap_after_compiles():
     wrap(api._CellGraphExecutor, lambda result, seen: isinstance(result, tuple) and bool(result[-1]))
 
 
+def heap_released_after_compiles():
+    """True once setup_device installed the trim after every new graph compile (above)."""
+    from mindspore.graph import api
+    return bool(getattr(api._CellGraphExecutor.compile, "_latte_releases_heap", False))
+
+
 def _install_compile_hooks():
     from mindspore.graph import api
 
