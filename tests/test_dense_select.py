@@ -50,6 +50,24 @@ def test_bias_gelu_project_on_sgemm_equals_matmul():
     assert_same_grads(on_sgemm, cpu_kernels.BiasGELUProject(), (z, b, w))
 
 
+@pytest.fixture
+def two_threads():
+    cpu_kernels.set_threads(2)
+    yield
+    cpu_kernels.set_threads(1)
+
+
+def test_sgemm_dense_splits_over_two_threads_and_still_equals_matmul(two_threads):
+    """At two intra-op threads the sgemm gets a threadpool (one thread before: MindSpore's libdnnl
+    runs single-threaded without one) and its products are split, with MatMul's results."""
+    x, w, b = rand(384, 96, seed=1), rand(160, 96, seed=2), rand(160, seed=3)
+    cpu_kernels.SgemmDense()(x, w, b).asnumpy()  # the library is loaded and holds the two threads from here
+    before = cpu_kernels.dense_pool_splits()
+    assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
+    assert cpu_kernels.library_threads() == 2
+    assert cpu_kernels.dense_pool_splits() > before
+
+
 def test_latte_on_sgemm_equals_latte_on_matmul(monkeypatch):
     """The whole model, every Linear switched: same output and parameter gradients."""
     def loss_and_grads(impl):
