@@ -38,6 +38,14 @@ def test_sgemm_dense_equals_matmul_dense_forward_and_grads():
     assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
 
 
+def test_sgemm_weight_grad_summed_in_row_slices_equals_matmul():
+    """dW = dy^T x is summed in 512-row slices (kWeightGradRows in cpu_kernels.cc): 1100 rows are two
+    whole slices and a tail, accumulated into dW."""
+    x, w, b = rand(1100, 19, seed=11), rand(23, 19, seed=12), rand(23, seed=13)
+    assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
+    assert_same_grads(cpu_kernels.SgemmMatMulNT(), ops.MatMul(transpose_b=True), (x, w))
+
+
 def test_sgemm_matmul_nt_equals_matmul_forward_and_grads():
     x, w = rand(41, 29, seed=4), rand(17, 29, seed=5)
     assert_same_grads(cpu_kernels.SgemmMatMulNT(), ops.MatMul(transpose_b=True), (x, w))
