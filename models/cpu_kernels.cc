@@ -1257,8 +1257,9 @@ void dense_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *
 // Rows of the weight gradient's reduction per sgemm call. dW = dy^T x sums over all M = 4096 tokens;
 // handed to oneDNN as one call, the two largest of Latte-S/2's (384->1536, 1536->384) ran at 61-73
 // GFLOP/s against 95-109 for the same shapes' forward; as 512-row slices accumulated into dW (beta = 1)
-// they ran 7-21 % faster (best of 6, AVX-512 host, one thread; 256 rows about the same, 1024-2048
-// less), the smaller two unchanged. The sums are the same products in another order.
+// they ran 3-21 % faster (three interleaved runs, best of 6-10 each, AVX-512 host, one thread, load
+// 9-13; 256 rows about the same, 1024-2048 less), the smaller two within +-2 %. The sums are the same
+// products in another order.
 constexpr int64_t kWeightGradRows = 512;
 
 // dw (n, k) = dy (m, n)^T x (m, k), the reduction over m in kWeightGradRows slices
