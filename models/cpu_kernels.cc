@@ -1217,7 +1217,8 @@ struct ThreadpoolIface {
 std::atomic<int64_t> g_dense_pool_splits{0};  // parallel_for calls so far (dense_pool_splits: for tests)
 
 // for_each_item's workers (threads started per call, the calling thread is worker 0) behind that
-// interface. get_in_parallel tells oneDNN not to nest a parallel_for inside one of ours.
+// interface. get_in_parallel, true on every thread while it runs an item, tells oneDNN not to nest a
+// parallel_for inside one of ours.
 class DensePool final : public ThreadpoolIface {
  public:
   explicit DensePool(int threads) : threads_(threads) {}
@@ -1225,9 +1226,11 @@ class DensePool final : public ThreadpoolIface {
   bool get_in_parallel() const override { return in_parallel_; }
   void parallel_for(int n, const std::function<void(int, int)> &fn) override {
     g_dense_pool_splits.fetch_add(1);
-    in_parallel_ = true;
-    for_each_item(n, std::min(threads_, n), [&](int, int64_t i) { fn(static_cast<int>(i), n); });
-    in_parallel_ = false;
+    for_each_item(n, std::min(threads_, n), [&](int, int64_t i) {
+      in_parallel_ = true;
+      fn(static_cast<int>(i), n);
+      in_parallel_ = false;
+    });
   }
   uint64_t get_flags() const override { return 0; }
 
