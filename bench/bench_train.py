@@ -176,6 +176,13 @@ def matmul_peak(n=2048, repeats=7):
 BLOCK_MATMULS = [(4096, 384, 1152), (4096, 384, 384), (4096, 384, 1536), (4096, 1536, 384)]
 
 
+def block_matmul_flops(case):
+    """FLOPs of one of time_block_matmuls' products, from its name ("in->out fwd|dx|dW"): every one
+    is 2 * rows * in * out."""
+    k, n = (int(v) for v in case.split()[0].split("->"))
+    return 2 * BLOCK_MATMULS[0][0] * k * n
+
+
 def time_block_matmuls(matmul_fns, repeats=5):
     """{"in->out fwd|dx|dW": best CPU ms} for the block's matmuls, forward (x @ w.T), input gradient
     (dy @ w) and weight gradient (dy.T @ x). `matmul_fns(m, k, n)` returns {case: zero-arg callable}.
@@ -346,6 +353,8 @@ def run_one(which, args):
     if which == "ours" and args.block_matmuls:
         out["block_matmul_ms"] = time_block_matmuls(sgemm_matmul_fns if out["dense_impl"] == "sgemm"
                                                     else ms_matmul_fns)
+        from models import cpu_kernels
+        out["fma_peak_gflops"] = cpu_kernels.fma_peak_gflops()
     peer.report(out)
 
 
@@ -454,11 +463,17 @@ def main():
                       f"{peer.ratio(peer.median(ours, 'peak_rss_mb'), m)} its")
         torch_mm = (res.get("torch") or [{}])[0].get("block_matmul_ms")
         if ours[0].get("block_matmul_ms") and torch_mm:
+            peak = max((r.get("fma_peak_gflops") or 0.0) for r in ours) or None
             print(f"block matmuls on {ours[0]['dense_impl']}, best CPU ms (ours / torch), 4096 rows (16 frames x 256 tokens); "
-                  "every block does these:")
+                  "every block does these" + (f"; GFLOP/s per CPU-second and share of this core's fp32 FMA peak "
+                                              f"({peak:.0f} GFLOP/s, best register-only FMA run)" if peak else "") + ":")
             for case, ms_ in ours[0]["block_matmul_ms"].items():
                 speed = peer.ratio(torch_mm[case], ms_)
-                print(f"  {case:14s} {ms_:7.1f} / {torch_mm[case]:7.1f}  ({speed} torch's speed)")
+                line = f"  {case:14s} {ms_:7.1f} / {torch_mm[case]:7.1f}  ({speed} torch's speed)"
+                if peak:
+                    gf = [block_matmul_flops(case) / t / 1e6 for t in (ms_, torch_mm[case])]
+                    line += f"  {gf[0]:5.1f} / {gf[1]:5.1f} GFLOP/s = {100 * gf[0] / peak:.0f} % / {100 * gf[1] / peak:.0f} % of peak"
+                print(line)
             a, b = sum(ours[0]["block_matmul_ms"].values()), sum(torch_mm.values())
             print(f"  all            {a:7.1f} / {b:7.1f}  ({peer.ratio(b, a)} torch's speed); x {args.depth} blocks "
                   f"= {a * args.depth / 1e3:.2f} of our {peer.median(ours, 'cpu_s_per_step'):.2f} CPU-s per step")

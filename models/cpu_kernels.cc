@@ -1196,13 +1196,57 @@ int conv_band_down(int, void **p, int *, int64_t **s, const char **, void *, voi
 // so with more intra-op threads MindSpore's threaded MatMul may win: dense_select measures which.
 // Where sgemm cannot be found the plain loop below gives the same sums (slow; dense_select then never
 // picks this path, see dense_sgemm_found).
+// At more than one intra-op thread (latte_set_threads) the sgemm gets a threadpool (DensePool below):
+// MindSpore's libdnnl is built for oneDNN's threadpool runtime, where a null pool means one thread.
+#include <time.h>
+
+#include <functional>
+
 namespace {
+
+// oneDNN's threadpool interface (include/dnnl_threadpool_iface.hpp, unchanged through oneDNN 3.x): the
+// sgemm calls it through this vtable, so the declaration order is the ABI.
+struct ThreadpoolIface {
+  virtual int get_num_threads() const = 0;
+  virtual bool get_in_parallel() const = 0;
+  virtual void parallel_for(int n, const std::function<void(int, int)> &fn) = 0;
+  virtual uint64_t get_flags() const = 0;  // 0: synchronous, parallel_for returns when every fn has run
+  virtual ~ThreadpoolIface() {}
+};
+
+std::atomic<int64_t> g_dense_pool_splits{0};  // parallel_for calls so far (dense_pool_splits: for tests)
+
+// for_each_item's workers (threads started per call, the calling thread is worker 0) behind that
+// interface. get_in_parallel, true on every thread while it runs an item, tells oneDNN not to nest a
+// parallel_for inside one of ours.
+class DensePool final : public ThreadpoolIface {
+ public:
+  explicit DensePool(int threads) : threads_(threads) {}
+  int get_num_threads() const override { return threads_; }
+  bool get_in_parallel() const override { return in_parallel_; }
+  void parallel_for(int n, const std::function<void(int, int)> &fn) override {
+    g_dense_pool_splits.fetch_add(1);
+    for_each_item(n, std::min(threads_, n), [&](int, int64_t i) {
+      in_parallel_ = true;
+      fn(static_cast<int>(i), n);
+      in_parallel_ = false;
+    });
+  }
+  uint64_t get_flags() const override { return 0; }
+
+ private:
+  int threads_;
+  static thread_local bool in_parallel_;
+};
+thread_local bool DensePool::in_parallel_ = false;
 
 // row-major C (m, n) = op(A) op(B) + beta C, op = transpose when ta/tb is 'T' (oneDNN's convention)
 void dense_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda, const float *b,
                 int64_t ldb, float beta, float *c, int64_t ldc) {
   SgemmFn sgemm = find_sgemm();
-  if (sgemm && sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc, nullptr) == 0) return;
+  const int threads = g_band_threads.load();
+  DensePool pool(threads);
+  if (sgemm && sgemm(ta, tb, m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc, threads > 1 ? &pool : nullptr) == 0) return;
   for (int64_t i = 0; i < m; i++) {
     float *ci = c + i * ldc;
     for (int64_t j = 0; j < n; j++) ci[j] = beta == 0.0f ? 0.0f : beta * ci[j];
@@ -1210,6 +1254,23 @@ void dense_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const float *
       const float av = ta == 'T' ? a[p * lda + i] : a[i * lda + p];
       for (int64_t j = 0; j < n; j++) ci[j] += av * (tb == 'T' ? b[j * ldb + p] : b[p * ldb + j]);
     }
+  }
+}
+
+// Rows of the weight gradient's reduction per sgemm call. dW = dy^T x sums over all M = 4096 tokens;
+// handed to oneDNN as one call, the two largest of Latte-S/2's (384->1536, 1536->384) ran at 61-73
+// GFLOP/s against 95-109 for the same shapes' forward; as 512-row slices accumulated into dW (beta = 1)
+// they ran 3-21 % faster (three interleaved runs, best of 6-10 each, AVX-512 host, one thread, load
+// 9-13; 256 rows about the same, 1024-2048 less), the smaller two within +-2 %. The sums are the same
+// products in another order.
+constexpr int64_t kWeightGradRows = 512;
+
+// dw (n, k) = dy (m, n)^T x (m, k), the reduction over m in kWeightGradRows slices
+void dense_weight_grad(int64_t m, int64_t n, int64_t k, const float *dy, const float *x, float *dw) {
+  if (m == 0) std::memset(dw, 0, n * k * sizeof(float));
+  for (int64_t r = 0; r < m; r += kWeightGradRows) {
+    const int64_t rows = std::min(kWeightGradRows, m - r);
+    dense_gemm('T', 'N', n, k, rows, dy + r * n, n, x + r * k, k, r ? 1.0f : 0.0f, dw, k);
   }
 }
 
@@ -1246,8 +1307,8 @@ int dense_nn(int, void **p, int *, int64_t **s, const char **, void *, void *) {
 // dy (M, N), x (M, K) -> dw (N, K) = dy^T x
 int dense_tn(int, void **p, int *, int64_t **s, const char **, void *, void *) {
   const int64_t m = s[0][0], n = s[0][1], k = s[1][1];
-  dense_gemm('T', 'N', n, k, m, static_cast<const float *>(p[0]), n, static_cast<const float *>(p[1]), k, 0.0f,
-             static_cast<float *>(p[2]), k);
+  dense_weight_grad(m, n, k, static_cast<const float *>(p[0]), static_cast<const float *>(p[1]),
+                    static_cast<float *>(p[2]));
   return 0;
 }
 
@@ -1258,7 +1319,7 @@ int dense_bias_bwd(int, void **p, int *, int64_t **s, const char **, void *, voi
   const float *dy = static_cast<const float *>(p[2]);
   float *db = static_cast<float *>(p[5]);
   dense_gemm('N', 'N', m, k, n, dy, n, w, k, 0.0f, static_cast<float *>(p[3]), k);
-  dense_gemm('T', 'N', n, k, m, dy, n, x, k, 0.0f, static_cast<float *>(p[4]), k);
+  dense_weight_grad(m, n, k, dy, x, static_cast<float *>(p[4]));
   std::memset(db, 0, n * sizeof(float));
   for (int64_t i = 0; i < m; i++) {
     const float *row = dy + i * n;
@@ -1271,4 +1332,46 @@ int dense_bias_bwd(int, void **p, int *, int64_t **s, const char **, void *, voi
 // 1 when the Dense kernels run on oneDNN's sgemm, 0 when on the plain loop
 int dense_sgemm_found() { return find_sgemm() != nullptr; }
 
+// how many times the sgemm split a product over DensePool's workers (0 at one thread)
+int64_t dense_pool_splits() { return g_dense_pool_splits.load(); }
+
 }  // extern "C"
+
+// ---- The fp32 FMA peak of one core, for bench/bench_train.py's per-GEMM share of peak ------------------
+// GFLOP per CPU-second of independent fused multiply-adds held in registers (enough chains to cover the
+// FMA latency on every unit): the ceiling any sgemm on this core works against, which a measured
+// matmul (itself one of the libraries compared) cannot give.
+extern "C" double dense_fma_peak_gflops(int64_t iters) {
+#if defined(__AVX512F__)
+  using Vec = float __attribute__((vector_size(64)));
+  constexpr int kChains = 12;  // 2 FMA units x 4-cycle latency, with room
+#elif defined(__AVX__)
+  using Vec = float __attribute__((vector_size(32)));
+  constexpr int kChains = 10;  // 16 ymm registers
+#else
+  using Vec = float __attribute__((vector_size(16)));
+  constexpr int kChains = 10;
+#endif
+  constexpr int kLanes = sizeof(Vec) / sizeof(float);
+  Vec acc[kChains], mul, add;
+  for (int l = 0; l < kLanes; l++) {
+    mul[l] = 0.999999f;
+    add[l] = 1e-7f;
+  }
+  for (int c = 0; c < kChains; c++)
+    for (int l = 0; l < kLanes; l++) acc[c][l] = 1.0f + 1e-3f * c;
+  timespec t0, t1;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+  for (int64_t i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+    for (int c = 0; c < kChains; c++) acc[c] = acc[c] * mul + add;  // contracted to one FMA (-march=native)
+  }
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+  float sink = 0.0f;
+  for (int c = 0; c < kChains; c++)
+    for (int l = 0; l < kLanes; l++) sink += acc[c][l];
+  volatile float keep = sink;  // the chains' results are used, so the loop is not removed
+  (void)keep;
+  const double seconds = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+  return 2.0 * kLanes * kChains * static_cast<double>(iters) / seconds / 1e9;
+}

@@ -493,6 +493,15 @@ def sgemm_found():
     return bool(ctypes.CDLL(_library).dense_sgemm_found())
 
 
+def dense_pool_splits():
+    """How many products the Dense kernels' sgemm has split over the intra-op threads (set_threads; at
+    one thread it gets no threadpool and never splits), counted since the library was loaded."""
+    import ctypes
+    fn = ctypes.CDLL(build_library()).dense_pool_splits
+    fn.restype = ctypes.c_int64
+    return int(fn())
+
+
 class SgemmDense(nn.Cell):
     """plain_cells.Dense on sgemm: y = x @ w.T + b for 2-D x; the backward (dx, dw, db) is one op."""
 
@@ -520,3 +529,15 @@ class SgemmMatMulNT(nn.Cell):
 
     def bprop(self, x, w, out, dout):
         return self.nn_(dout, w), self.tn(dout, x)
+
+
+def fma_peak_gflops(repeats=5):
+    """This core's fp32 FMA peak, GFLOP per CPU-second: the best of `repeats` runs of register-only
+    fused multiply-adds (dense_fma_peak_gflops in cpu_kernels.cc, ~0.1 s each; a busy sibling
+    hyperthread only lowers a run, so the best is the ceiling). None where the library is not built."""
+    import ctypes
+    if not available():
+        return None
+    fn = ctypes.CDLL(_library).dense_fma_peak_gflops
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
+    return max(fn(4_000_000) for _ in range(repeats))

@@ -38,6 +38,14 @@ def test_sgemm_dense_equals_matmul_dense_forward_and_grads():
     assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
 
 
+def test_sgemm_weight_grad_summed_in_row_slices_equals_matmul():
+    """dW = dy^T x is summed in 512-row slices (kWeightGradRows in cpu_kernels.cc): 1100 rows are two
+    whole slices and a tail, accumulated into dW."""
+    x, w, b = rand(1100, 19, seed=11), rand(23, 19, seed=12), rand(23, seed=13)
+    assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
+    assert_same_grads(cpu_kernels.SgemmMatMulNT(), ops.MatMul(transpose_b=True), (x, w))
+
+
 def test_sgemm_matmul_nt_equals_matmul_forward_and_grads():
     x, w = rand(41, 29, seed=4), rand(17, 29, seed=5)
     assert_same_grads(cpu_kernels.SgemmMatMulNT(), ops.MatMul(transpose_b=True), (x, w))
@@ -48,6 +56,24 @@ def test_bias_gelu_project_on_sgemm_equals_matmul():
     on_sgemm = cpu_kernels.BiasGELUProject()
     on_sgemm.use_sgemm()
     assert_same_grads(on_sgemm, cpu_kernels.BiasGELUProject(), (z, b, w))
+
+
+@pytest.fixture
+def two_threads():
+    cpu_kernels.set_threads(2)
+    yield
+    cpu_kernels.set_threads(1)
+
+
+def test_sgemm_dense_splits_over_two_threads_and_still_equals_matmul(two_threads):
+    """At two intra-op threads the sgemm gets a threadpool (one thread before: MindSpore's libdnnl
+    runs single-threaded without one) and its products are split, with MatMul's results."""
+    x, w, b = rand(384, 96, seed=1), rand(160, 96, seed=2), rand(160, seed=3)
+    cpu_kernels.SgemmDense()(x, w, b).asnumpy()  # the library is loaded and holds the two threads from here
+    before = cpu_kernels.dense_pool_splits()
+    assert_same_grads(cpu_kernels.SgemmDense(), plain_cells.Dense(), (x, w, b))
+    assert cpu_kernels.library_threads() == 2
+    assert cpu_kernels.dense_pool_splits() > before
 
 
 def test_latte_on_sgemm_equals_latte_on_matmul(monkeypatch):
