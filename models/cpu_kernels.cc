@@ -413,43 +413,47 @@ ConvGeometry geometry(const int64_t *x_shape, const int64_t *cols_shape, bool do
   return g;
 }
 
-void im2col(const float *x, float *cols, const ConvGeometry &g) {
-  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
-  for (int64_t n = 0; n < g.n; n++) {
-    float *out_n = cols + n * rows * plane;
-    // channel outermost: its input plane stays in cache while its k*k taps are written
-    for (int64_t c = 0; c < g.c; c++) {
-      const float *src = x + (n * g.c + c) * g.h * g.w;
-      for (int64_t i = 0; i < g.k; i++) {
-        for (int64_t j = 0; j < g.k; j++) {
-          // output columns q whose input column q*s + j - p lies inside [0, W)
-          int64_t q0 = 0, q1 = g.wo;
-          while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
-          while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
-          float *dst = out_n + ((i * g.k + j) * g.c + c) * plane;
-          for (int64_t r = 0; r < g.ho; r++) {
-            float *d = dst + r * g.wo;
-            const int64_t y = r * g.stride + i - g.pad;
-            if (y < 0 || y >= g.h) {
-              std::memset(d, 0, g.wo * sizeof(float));
-              continue;
-            }
-            for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
-            for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
-            const float *s = src + y * g.w + j - g.pad;
-            if (g.stride == 1) {
-              std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
-            } else {
+// the im2col rows of output rows [r0, r1) of one image: (k*k*C + 1, (r1 - r0) * Wo), the last row
+// ones. The whole-image im2col below and the banded conv (conv_band) both fill their columns here.
+void im2col_rows(const float *x, float *cols, const ConvGeometry &g, int64_t r0, int64_t r1) {
+  const int64_t band = (r1 - r0) * g.wo, rows = g.k * g.k * g.c + 1;
+  // channel outermost: its input plane stays in cache while its k*k taps are written
+  for (int64_t c = 0; c < g.c; c++) {
+    const float *src = x + c * g.h * g.w;
+    for (int64_t i = 0; i < g.k; i++) {
+      for (int64_t j = 0; j < g.k; j++) {
+        // output columns q whose input column q*s + j - p lies inside [0, W)
+        int64_t q0 = 0, q1 = g.wo;
+        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
+        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
+        float *dst = cols + ((i * g.k + j) * g.c + c) * band;
+        for (int64_t r = r0; r < r1; r++) {
+          float *d = dst + (r - r0) * g.wo;
+          const int64_t y = r * g.stride + i - g.pad;
+          if (y < 0 || y >= g.h) {
+            std::memset(d, 0, g.wo * sizeof(float));
+            continue;
+          }
+          for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
+          for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
+          const float *s = src + y * g.w + j - g.pad;
+          if (g.stride == 1) {
+            std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
+          } else {
 #pragma omp simd
-              for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
-            }
+            for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
           }
         }
       }
     }
-    float *ones = out_n + (rows - 1) * plane;
-    for (int64_t q = 0; q < plane; q++) ones[q] = 1.0f;
   }
+  float *ones = cols + (rows - 1) * band;
+  for (int64_t q = 0; q < band; q++) ones[q] = 1.0f;
+}
+
+void im2col(const float *x, float *cols, const ConvGeometry &g) {
+  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
+  for (int64_t n = 0; n < g.n; n++) im2col_rows(x + n * g.c * g.h * g.w, cols + n * rows * plane, g, 0, g.ho);
 }
 
 // the adjoint of im2col: dx[c, y, x] = sum over the taps that read it (the ones row has no input)
@@ -1093,40 +1097,6 @@ int latte_get_threads() { return g_band_threads.load(); }
 // instead of the whole (N, k*k*C + 1, Ho*Wo) one (151 MB for a 256-channel 128 x 128 conv, 604 MB
 // for the decoder's 256-channel 256 x 256 one), and each band's GEMM writes straight into y's rows.
 namespace {
-
-void im2col_rows(const float *x, float *cols, const ConvGeometry &g, int64_t r0, int64_t r1) {
-  const int64_t band = (r1 - r0) * g.wo, rows = g.k * g.k * g.c + 1;
-  for (int64_t c = 0; c < g.c; c++) {
-    const float *src = x + c * g.h * g.w;
-    for (int64_t i = 0; i < g.k; i++) {
-      for (int64_t j = 0; j < g.k; j++) {
-        int64_t q0 = 0, q1 = g.wo;
-        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
-        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
-        float *dst = cols + ((i * g.k + j) * g.c + c) * band;
-        for (int64_t r = r0; r < r1; r++) {
-          float *d = dst + (r - r0) * g.wo;
-          const int64_t y = r * g.stride + i - g.pad;
-          if (y < 0 || y >= g.h) {
-            std::memset(d, 0, g.wo * sizeof(float));
-            continue;
-          }
-          for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
-          for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
-          const float *s = src + y * g.w + j - g.pad;
-          if (g.stride == 1) {
-            std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
-          } else {
-#pragma omp simd
-            for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
-          }
-        }
-      }
-    }
-  }
-  float *ones = cols + (rows - 1) * band;
-  for (int64_t q = 0; q < band; q++) ones[q] = 1.0f;
-}
 
 // C (m, n) with row pitch ldc = A (m, k) x B (k, n)
 void gemm_nn_ld(int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c, int64_t ldc) {
