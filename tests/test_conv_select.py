@@ -128,6 +128,26 @@ def test_choice_is_measured_once_and_cached_under_isa_key(cache_dir, in_process,
     assert conv_select.choose(*BIG) == "winograd2" and len(calls) == 1
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_choice_is_timed_in_cpu_seconds(threads, monkeypatch):
+    """At one intra-op thread a candidate's time is its CPU time (a loaded host stretches wall time
+    and ranked F(4x4) behind F(2x2) where it needed less CPU); at more threads it is wall time. A
+    candidate that only waits (sleeps 0.1 s) shows the difference without depending on speed."""
+    import time
+
+    class Waits:
+        def asnumpy(self):
+            return None
+
+    def fn():
+        time.sleep(0.1)
+        return Waits()
+
+    monkeypatch.setattr(conv_select, "_threads", lambda: threads)
+    best, _ = conv_select._timed(fn, budget=10.0)
+    assert (best < 0.05) if threads == 1 else (best >= 0.1)
+
+
 def test_small_shapes_take_im2col_without_measuring(cache_dir, monkeypatch):
     monkeypatch.setattr(conv_select, "_measure_in_child", lambda *a: pytest.fail("must not measure"))
     assert conv_select.choose(8, 16, 16, 8) == "im2col"
