@@ -691,21 +691,34 @@ template <> struct Wino<4> {
                                      {0, 1, -1, 0.125f, -8, 1}};
 };
 
+// A block of kWeightBlock (o, c) filters at a time, filter index innermost: the loops vectorise and
+// each of the A2 planes of U is written as one contiguous run. (One filter at a time wrote A2 strided
+// streams: 24 ms for a 512 x 512 layer's F(2x2) transform, 61 ms for F(4x4), as long as the
+// 32 x 32 conv itself, on every call.)
+constexpr int64_t kWeightBlock = 64;
+
 template <int M>
 void wino_weight(const float *w, float *u, int64_t o, int64_t c) {
   using W = Wino<M>;
   constexpr int A = W::A;
   const int64_t plane = o * c;
-  for (int64_t oc = 0; oc < plane; oc++) {
-    const float *g = w + oc * 9;
-    double t[A][3];  // G g
+  double g[9][kWeightBlock], t[A][3][kWeightBlock];  // the block's filters, then G g
+  for (int64_t b0 = 0; b0 < plane; b0 += kWeightBlock) {
+    const int64_t nb = std::min(kWeightBlock, plane - b0);
+    for (int64_t q = 0; q < nb; q++)
+      for (int k = 0; k < 9; k++) g[k][q] = w[(b0 + q) * 9 + k];
     for (int a = 0; a < A; a++)
-      for (int j = 0; j < 3; j++)
-        t[a][j] = W::G[a][0] * g[j] + W::G[a][1] * g[3 + j] + W::G[a][2] * g[6 + j];
+      for (int j = 0; j < 3; j++) {
+#pragma omp simd
+        for (int64_t q = 0; q < nb; q++) t[a][j][q] = W::G[a][0] * g[j][q] + W::G[a][1] * g[3 + j][q] + W::G[a][2] * g[6 + j][q];
+      }
     for (int a = 0; a < A; a++)
-      for (int b = 0; b < A; b++)
-        u[(a * A + b) * plane + oc] =
-            static_cast<float>(t[a][0] * W::G[b][0] + t[a][1] * W::G[b][1] + t[a][2] * W::G[b][2]);
+      for (int b = 0; b < A; b++) {
+        float *dst = u + (a * A + b) * plane + b0;
+#pragma omp simd
+        for (int64_t q = 0; q < nb; q++)
+          dst[q] = static_cast<float>(t[a][0][q] * W::G[b][0] + t[a][1][q] * W::G[b][1] + t[a][2][q] * W::G[b][2]);
+      }
   }
 }
 
