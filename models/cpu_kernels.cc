@@ -413,43 +413,47 @@ ConvGeometry geometry(const int64_t *x_shape, const int64_t *cols_shape, bool do
   return g;
 }
 
-void im2col(const float *x, float *cols, const ConvGeometry &g) {
-  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
-  for (int64_t n = 0; n < g.n; n++) {
-    float *out_n = cols + n * rows * plane;
-    // channel outermost: its input plane stays in cache while its k*k taps are written
-    for (int64_t c = 0; c < g.c; c++) {
-      const float *src = x + (n * g.c + c) * g.h * g.w;
-      for (int64_t i = 0; i < g.k; i++) {
-        for (int64_t j = 0; j < g.k; j++) {
-          // output columns q whose input column q*s + j - p lies inside [0, W)
-          int64_t q0 = 0, q1 = g.wo;
-          while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
-          while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
-          float *dst = out_n + ((i * g.k + j) * g.c + c) * plane;
-          for (int64_t r = 0; r < g.ho; r++) {
-            float *d = dst + r * g.wo;
-            const int64_t y = r * g.stride + i - g.pad;
-            if (y < 0 || y >= g.h) {
-              std::memset(d, 0, g.wo * sizeof(float));
-              continue;
-            }
-            for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
-            for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
-            const float *s = src + y * g.w + j - g.pad;
-            if (g.stride == 1) {
-              std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
-            } else {
+// the im2col rows of output rows [r0, r1) of one image: (k*k*C + 1, (r1 - r0) * Wo), the last row
+// ones. The whole-image im2col below and the banded conv (conv_band) both fill their columns here.
+void im2col_rows(const float *x, float *cols, const ConvGeometry &g, int64_t r0, int64_t r1) {
+  const int64_t band = (r1 - r0) * g.wo, rows = g.k * g.k * g.c + 1;
+  // channel outermost: its input plane stays in cache while its k*k taps are written
+  for (int64_t c = 0; c < g.c; c++) {
+    const float *src = x + c * g.h * g.w;
+    for (int64_t i = 0; i < g.k; i++) {
+      for (int64_t j = 0; j < g.k; j++) {
+        // output columns q whose input column q*s + j - p lies inside [0, W)
+        int64_t q0 = 0, q1 = g.wo;
+        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
+        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
+        float *dst = cols + ((i * g.k + j) * g.c + c) * band;
+        for (int64_t r = r0; r < r1; r++) {
+          float *d = dst + (r - r0) * g.wo;
+          const int64_t y = r * g.stride + i - g.pad;
+          if (y < 0 || y >= g.h) {
+            std::memset(d, 0, g.wo * sizeof(float));
+            continue;
+          }
+          for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
+          for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
+          const float *s = src + y * g.w + j - g.pad;
+          if (g.stride == 1) {
+            std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
+          } else {
 #pragma omp simd
-              for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
-            }
+            for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
           }
         }
       }
     }
-    float *ones = out_n + (rows - 1) * plane;
-    for (int64_t q = 0; q < plane; q++) ones[q] = 1.0f;
   }
+  float *ones = cols + (rows - 1) * band;
+  for (int64_t q = 0; q < band; q++) ones[q] = 1.0f;
+}
+
+void im2col(const float *x, float *cols, const ConvGeometry &g) {
+  const int64_t plane = g.ho * g.wo, rows = g.k * g.k * g.c + 1;
+  for (int64_t n = 0; n < g.n; n++) im2col_rows(x + n * g.c * g.h * g.w, cols + n * rows * plane, g, 0, g.ho);
 }
 
 // the adjoint of im2col: dx[c, y, x] = sum over the taps that read it (the ones row has no input)
@@ -657,41 +661,64 @@ namespace {
 
 template <int M> struct Wino;
 
+// G in double: wino_weight computes U = G w G^T in double and rounds once (G's 1/6, 16/15 ... are not
+// binary fractions; float G and a float t rounded three times, measured 1.5x the error in U)
 template <> struct Wino<2> {
   static constexpr int A = 4;
   static constexpr float BT[4][4] = {{1, 0, -1, 0}, {0, 1, 1, 0}, {0, -1, 1, 0}, {0, 1, 0, -1}};
-  static constexpr float G[4][3] = {{1, 0, 0}, {0.5f, 0.5f, 0.5f}, {0.5f, -0.5f, 0.5f}, {0, 0, 1}};
+  static constexpr double G[4][3] = {{1, 0, 0}, {0.5, 0.5, 0.5}, {0.5, -0.5, 0.5}, {0, 0, 1}};
   static constexpr float AT[2][4] = {{1, 1, 1, 0}, {0, 1, -1, -1}};
 };
 
-// points 0, +-1, +-2, infinity: the usual choice for float32 accuracy at m = 4
+// Interpolation points 0, 1, -1, 1/2, -2 and infinity (Barabasz et al. 2020, "Error analysis and
+// improving the accuracy of Winograd convolution for deep neural networks": the most accurate set
+// of five for F(4, 3)), not Lavin & Gray's 0, +-1, +-2: with those F(4x4) deviated 1.0-1.6e-5 from
+// the direct conv on the VAE's shapes, over conv_select's 5e-6 limit; a float32 model of this kernel
+// (same transforms and order, 512 channels) gives 4.3e-6 for this set against 1.1e-5, and 1.2e-5 for
+// the symmetric 0, +-1, +-1/2. AT (powers of the points) and BT (Toom-Cook, each row scaled to coprime
+// integers) are exact in float32; the fractions go into G, which is applied in double.
 template <> struct Wino<4> {
   static constexpr int A = 6;
-  static constexpr float BT[6][6] = {{4, 0, -5, 0, 1, 0},  {0, -4, -4, 1, 1, 0}, {0, 4, -4, -1, 1, 0},
-                                     {0, -2, -1, 2, 1, 0}, {0, 2, -1, -2, 1, 0}, {0, 4, 0, -5, 0, 1}};
-  static constexpr float G[6][3] = {{0.25f, 0, 0},
-                                    {-1.0f / 6, -1.0f / 6, -1.0f / 6},
-                                    {-1.0f / 6, 1.0f / 6, -1.0f / 6},
-                                    {1.0f / 24, 1.0f / 12, 1.0f / 6},
-                                    {1.0f / 24, -1.0f / 12, 1.0f / 6},
-                                    {0, 0, 1}};
-  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 2, -2, 0}, {0, 1, 1, 4, 4, 0},
-                                     {0, 1, -1, 8, -8, 1}};
+  static constexpr float BT[6][6] = {{2, -3, -4, 3, 2, 0}, {0, 2, -1, -5, -2, 0}, {0, 2, -5, 1, 2, 0},
+                                     {0, 2, 1, -2, -1, 0},   {0, 1, -2, -1, 2, 0}, {0, 2, -3, -4, 3, 2}};
+  static constexpr double G[6][3] = {{1.0 / 2, 0, 0},
+                                     {-1.0 / 6, -1.0 / 6, -1.0 / 6},
+                                     {-1.0 / 6, 1.0 / 6, -1.0 / 6},
+                                     {16.0 / 15, 8.0 / 15, 4.0 / 15},
+                                     {1.0 / 30, -1.0 / 15, 2.0 / 15},
+                                     {0, 0, 1.0 / 2}};
+  static constexpr float AT[4][6] = {{1, 1, 1, 1, 1, 0}, {0, 1, -1, 0.5f, -2, 0}, {0, 1, 1, 0.25f, 4, 0},
+                                     {0, 1, -1, 0.125f, -8, 1}};
 };
+
+// A block of kWeightBlock (o, c) filters at a time, filter index innermost: the loops vectorise and
+// each of the A2 planes of U is written as one contiguous run. (One filter at a time wrote A2 strided
+// streams: 24 ms for a 512 x 512 layer's F(2x2) transform, 61 ms for F(4x4), as long as the
+// 32 x 32 conv itself, on every call.)
+constexpr int64_t kWeightBlock = 64;
 
 template <int M>
 void wino_weight(const float *w, float *u, int64_t o, int64_t c) {
   using W = Wino<M>;
   constexpr int A = W::A;
   const int64_t plane = o * c;
-  for (int64_t oc = 0; oc < plane; oc++) {
-    const float *g = w + oc * 9;
-    float t[A][3];  // G g
+  double g[9][kWeightBlock], t[A][3][kWeightBlock];  // the block's filters, then G g
+  for (int64_t b0 = 0; b0 < plane; b0 += kWeightBlock) {
+    const int64_t nb = std::min(kWeightBlock, plane - b0);
+    for (int64_t q = 0; q < nb; q++)
+      for (int k = 0; k < 9; k++) g[k][q] = w[(b0 + q) * 9 + k];
     for (int a = 0; a < A; a++)
-      for (int j = 0; j < 3; j++) t[a][j] = W::G[a][0] * g[j] + W::G[a][1] * g[3 + j] + W::G[a][2] * g[6 + j];
+      for (int j = 0; j < 3; j++) {
+#pragma omp simd
+        for (int64_t q = 0; q < nb; q++) t[a][j][q] = W::G[a][0] * g[j][q] + W::G[a][1] * g[3 + j][q] + W::G[a][2] * g[6 + j][q];
+      }
     for (int a = 0; a < A; a++)
-      for (int b = 0; b < A; b++)
-        u[(a * A + b) * plane + oc] = t[a][0] * W::G[b][0] + t[a][1] * W::G[b][1] + t[a][2] * W::G[b][2];
+      for (int b = 0; b < A; b++) {
+        float *dst = u + (a * A + b) * plane + b0;
+#pragma omp simd
+        for (int64_t q = 0; q < nb; q++)
+          dst[q] = static_cast<float>(t[a][0][q] * W::G[b][0] + t[a][1][q] * W::G[b][1] + t[a][2][q] * W::G[b][2]);
+      }
   }
 }
 
@@ -1093,40 +1120,6 @@ int latte_get_threads() { return g_band_threads.load(); }
 // instead of the whole (N, k*k*C + 1, Ho*Wo) one (151 MB for a 256-channel 128 x 128 conv, 604 MB
 // for the decoder's 256-channel 256 x 256 one), and each band's GEMM writes straight into y's rows.
 namespace {
-
-void im2col_rows(const float *x, float *cols, const ConvGeometry &g, int64_t r0, int64_t r1) {
-  const int64_t band = (r1 - r0) * g.wo, rows = g.k * g.k * g.c + 1;
-  for (int64_t c = 0; c < g.c; c++) {
-    const float *src = x + c * g.h * g.w;
-    for (int64_t i = 0; i < g.k; i++) {
-      for (int64_t j = 0; j < g.k; j++) {
-        int64_t q0 = 0, q1 = g.wo;
-        while (q0 < g.wo && q0 * g.stride + j - g.pad < 0) q0++;
-        while (q1 > q0 && (q1 - 1) * g.stride + j - g.pad >= g.w) q1--;
-        float *dst = cols + ((i * g.k + j) * g.c + c) * band;
-        for (int64_t r = r0; r < r1; r++) {
-          float *d = dst + (r - r0) * g.wo;
-          const int64_t y = r * g.stride + i - g.pad;
-          if (y < 0 || y >= g.h) {
-            std::memset(d, 0, g.wo * sizeof(float));
-            continue;
-          }
-          for (int64_t q = 0; q < q0; q++) d[q] = 0.0f;
-          for (int64_t q = q1; q < g.wo; q++) d[q] = 0.0f;
-          const float *s = src + y * g.w + j - g.pad;
-          if (g.stride == 1) {
-            std::memcpy(d + q0, s + q0, (q1 - q0) * sizeof(float));
-          } else {
-#pragma omp simd
-            for (int64_t q = q0; q < q1; q++) d[q] = s[q * g.stride];
-          }
-        }
-      }
-    }
-  }
-  float *ones = cols + (rows - 1) * band;
-  for (int64_t q = 0; q < band; q++) ones[q] = 1.0f;
-}
 
 // C (m, n) with row pitch ldc = A (m, k) x B (k, n)
 void gemm_nn_ld(int64_t m, int64_t n, int64_t k, const float *a, const float *b, float *c, int64_t ldc) {
