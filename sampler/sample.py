@@ -341,7 +341,6 @@ def sample(cfg):
     new folder under `output_folder`; returns that folder."""
     from models.runtime import drop_clean_library_pages, setup_device
     setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed, reuse_memory=True)
-    drop_clean_library_pages()  # before loading: what `import mindspore` mapped and never runs again
 
     from models import read_metadata
     from models.diffusion import create_diffusion
