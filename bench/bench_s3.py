@@ -71,7 +71,7 @@ def clips_per_second(store, num_frames, batch, workers, draws):
     source = ClipSource(train, order, cache_reader(store, num_frames, 1), num_frames, 1,
                         (num_frames, *store.latent_shape), ("sample", 0.18215))
     warm = batch * 4
-    it = make_loader(source, 0, warm + draws, batch, workers)
+    it = make_loader(source, range(warm + draws), batch, workers)
     for _ in range(warm // batch):  # pipeline start-up and first connections
         next(it)
     t0 = time.perf_counter()
