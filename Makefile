@@ -12,9 +12,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Both cores: one pytest worker each (pytest-xdist). A module's tests and the msrun tests stay on one
-# worker (tests/conftest.py); `make test PARALLEL=` runs everything in one process.
-PARALLEL ?= -n 2 --dist loadgroup --no-loadscope-reorder
+# Both cores: one pytest worker each (pytest-xdist). A file's tests stay on one worker, the longest
+# files start first (tests/conftest.py); `make test PARALLEL=` runs everything in one process.
+PARALLEL ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests $(PARALLEL) --durations=15

@@ -31,27 +31,19 @@ ORACLE = ROOT.parent / "shared" / "reference" / "oracle"
 
 # ---------------------------------------------------------------- two workers (`make test`: pytest -n 2)
 
-# Longest work units first, so the other worker fills in around them: the demo's module (one ~200 s
-# fixture) and the msrun group (each test starts two ranks, 30-50 s).
-FIRST_GROUPS = ("test_demo", "msrun")
+# Longest files first, so the other worker fills in around them: the demo (one ~200 s module fixture)
+# and the msrun runs of test_scale_out (two ranks each, 50-70 s).
+FIRST_FILES = ("test_demo", "test_scale_out")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    """`make test` runs the suite on both cores (pytest-xdist, --dist loadgroup). A module's tests stay
-    on one worker: its module fixtures (the demo run, the S3 server, test_sampler's graph mode) are
-    built once, and a module never switches the process-wide MindSpore mode under another's tests.
-    Tests that start msrun (marked xdist_group("msrun")) share one worker, so two msrun jobs never
-    run at once. Without -n the hook only orders the tests; every test passes in any order."""
-    def group(item):
-        marks = [m.args[0] for m in item.iter_markers("xdist_group")]
-        return marks[0] if marks else item.module.__name__
-
-    for item in items:
-        if not any(item.iter_markers("xdist_group")):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    rank = {name: i for i, name in enumerate(FIRST_GROUPS)}
-    items.sort(key=lambda item: rank.get(group(item), len(rank)))  # stable: file order otherwise
+    """`make test` runs the suite on both cores (pytest-xdist, --dist loadfile): a file's tests stay on
+    one worker, so its module fixtures (the demo run, the S3 server, test_sampler's graph mode) are built
+    once and a module never switches the process-wide MindSpore mode under another's tests. (xdist's
+    `loadgroup` does not group under pytest 9: it renames test ids through an attribute pytest 9 no
+    longer reads.) Without -n this only orders the files; every test passes in any order."""
+    rank = {name: i for i, name in enumerate(FIRST_FILES)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: file order otherwise
 
 
 @pytest.fixture(scope="session")

@@ -19,8 +19,6 @@ from trainer.data import BatchLayout
 from trainer.logs import read_log
 from latent_cache import clip_source, make_latent_cache
 
-pytestmark = pytest.mark.xdist_group("msrun")  # one msrun job at a time under pytest -n 2 (conftest)
-
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "training" / "tiny_cache.yaml")
 BIN = Path(sys.executable).parent

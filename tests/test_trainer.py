@@ -563,7 +563,6 @@ def test_resume_after_sigkill_equals_uninterrupted_run_and_tiny_model_learns(cac
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("msrun")  # one msrun job at a time under pytest -n 2 (conftest)
 def test_data_parallel_two_workers_over_loopback(cache, tmp_path):
     for attempt in (1, 2):
         out, log_dir = tmp_path / f"dp{attempt}", tmp_path / f"logs{attempt}"
