@@ -53,17 +53,9 @@ SIZE = dict(depth=12, hidden_size=384, patch_size=2, num_heads=6)  # Latte-S/2
 FRAMES, LATENT = 16, 32
 
 
-_STATUS_KEYS = ("VmRSS", "RssAnon", "RssFile", "RssShmem")
-
-
 def _status():
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":", 1)[0]
-            if key in _STATUS_KEYS or key == "VmHWM":
-                out[key] = int(line.split()[1]) / 1024
-    return out
+    import peer  # bench/peer.py: stdlib only, so the torch child reads it too
+    return peer.proc_status_mb(("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"))
 
 
 class PeakSplit(threading.Thread):

@@ -37,12 +37,20 @@ def machine_line():
     return f"CPU: {cpu_model()}, {os.cpu_count()} vCPUs, {isa_summary()}; load average {load}"
 
 
+def proc_status_mb(keys):
+    """{key: MB} of the given /proc/self/status fields (kB there) of this process; both sides' children
+    read it (models.runtime.rss_split is ours alone: it imports MindSpore)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key = line.split(":", 1)[0]
+        if key in keys:
+            out[key] = int(line.split()[1]) / 1024
+    return out
+
+
 def vmhwm_mb():
     """Peak resident set of this process (VmHWM), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return proc_status_mb(("VmHWM",)).get("VmHWM", float("nan"))
 
 
 def report(result):

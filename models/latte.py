@@ -467,14 +467,25 @@ class Latte(nn.Cell):
         """Classifier-free guidance: the batch holds the conditional half then the unconditional
         half (y = null class). Both halves see the same input; guidance mixes the eps channels
         only, the learned variance channels are passed through."""
-        half = x[: x.shape[0] // 2]
-        combined = ops.cat([half, half], axis=0)
-        model_out = self(combined, t, y)
-        eps, rest = model_out[:, :, : self.in_channels], model_out[:, :, self.in_channels:]
-        cond_eps, uncond_eps = ops.split(eps, eps.shape[0] // 2, axis=0)
-        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
-        eps = ops.cat([half_eps, half_eps], axis=0)
-        return ops.cat([eps, rest], axis=2)
+        return guidance_mix(self(guidance_input(x), t, y), self.in_channels, cfg_scale)
+
+
+def guidance_input(x):
+    """Classifier-free guidance's network input: the conditional half's latents for both halves."""
+    half = x[: x.shape[0] // 2]
+    return ops.cat([half, half], axis=0)
+
+
+def guidance_mix(model_out, in_channels, cfg_scale):
+    """Classifier-free guidance's output: eps = uncond + scale * (cond - uncond) for both halves, the
+    learned variance channels passed through. Functions rather than methods, so that a Cell around
+    Latte (sampler/guided.py) compiles the same arithmetic: forward_with_cfg calls `self(...)`, which
+    MindSpore cannot compile inside another Cell's graph."""
+    eps, rest = model_out[:, :, :in_channels], model_out[:, :, in_channels:]
+    cond_eps, uncond_eps = ops.split(eps, eps.shape[0] // 2, axis=0)
+    half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+    eps = ops.cat([half_eps, half_eps], axis=0)
+    return ops.cat([eps, rest], axis=2)
 
 
 #################################################################################

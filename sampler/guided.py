@@ -7,7 +7,9 @@ first step and hands the compile's freed heap back to the OS) skipped it; as a C
 compiled before the first step like the unguided network.
 """
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
+
+from models.latte import guidance_input, guidance_mix
 
 
 class GuidedLatte(nn.Cell):
@@ -22,12 +24,4 @@ class GuidedLatte(nn.Cell):
         self.scale = ms.Tensor(float(scale), ms.float32)
 
     def construct(self, x, t, y):
-        # Latte.forward_with_cfg's arithmetic, step for step (tests/test_sampler.py compares the two):
-        # that method calls `self(...)`, which MindSpore cannot compile inside another Cell's graph.
-        half = x[: x.shape[0] // 2]
-        model_out = self.net(ops.cat([half, half], axis=0), t, y)
-        channels = self.net.in_channels
-        eps, rest = model_out[:, :, :channels], model_out[:, :, channels:]
-        cond_eps, uncond_eps = ops.split(eps, eps.shape[0] // 2, axis=0)
-        half_eps = uncond_eps + self.scale * (cond_eps - uncond_eps)
-        return ops.cat([ops.cat([half_eps, half_eps], axis=0), rest], axis=2)
+        return guidance_mix(self.net(guidance_input(x), t, y), self.net.in_channels, self.scale)
