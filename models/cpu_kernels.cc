@@ -24,7 +24,12 @@ int64_t numel(int nd, const int64_t *shape) {
 
 // exp(x) for float32, vectorisable (Cephes' expf polynomial after range reduction by ln 2).
 inline float exp_approx(float x) {
-  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);  // ternaries vectorise; fminf/fmaxf do not
+  // std::min/max, not ternaries: from `x < -87 ? -87 : (x > 88 ? 88 : x)` GCC split the callers' loops
+  // into the three ranges, computed every range's result for every lane and blended, so each vector
+  // of SiLU/GELU also divided by 1 + exp(88) and made a denormal, a ~150-cycle microcode assist on
+  // Intel cores: GroupNorm+SiLU 83 -> 13 ms, bias+GELU 62 -> 6 ms (4096 x 1536). Same values (fminf /
+  // fmaxf would not vectorise: their NaN rule is not minps/maxps').
+  x = std::max(-87.0f, std::min(x, 88.0f));
   float k = floorf(x * 1.44269504088896341f + 0.5f);
   float r = x - k * 0.693359375f;
   r = r + k * 2.12194440e-4f;
