@@ -881,6 +881,7 @@ int winograd4_output(int, void **p, int *, int64_t **s, const char **, void *, v
 
 #include <atomic>
 #include <memory>
+#include <mutex>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -915,6 +916,32 @@ int band_workers(int64_t items) {
 }
 
 std::unique_ptr<float[]> scratch(int64_t count) { return std::unique_ptr<float[]>(new float[count]); }
+
+// The Winograd convolution's big buffers, kept between calls and grown to the largest request. The
+// weight transform U and a band's V and M were fresh 5-40 MB allocations per call, which the kernel
+// maps as zero-filled 4 KB pages one fault at a time: 55k faults and 0.15-0.2 s of system time per
+// encoded 256 px frame (perf -e page-faults: wino_weight, band_input and the GEMM's writes). One set
+// for the process (the largest, a 512-channel F(4x4) conv's: ~75 MB, held for the process' life): a
+// call that finds it taken (MindSpore may run two convs at once) allocates its own as before.
+class Reused {
+ public:
+  float *get(int64_t count) {
+    if (count > size_) {
+      data_.reset();  // the old one first: never both alive
+      data_.reset(new float[count]);
+      size_ = count;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<float[]> data_;
+  int64_t size_ = 0;
+};
+struct WinoBuffers {
+  std::mutex busy;
+  Reused u, v, m;
+} g_wino_buffers;
 
 using SgemmFn = int (*)(char, char, int64_t, int64_t, int64_t, float, const float *, int64_t, const float *,
                         int64_t, float, float *, int64_t, void *);
@@ -1041,29 +1068,46 @@ void wino_fused(const float *x, const float *wt, const float *bias, float *y, in
   constexpr int A2 = A * A;
   // U = G w G^T here rather than as a graph tensor: MindSpore's runtime may compute every layer's
   // (weight-only) transform ahead of its conv and hold them all (16/9 of the weights for F(2x2))
-  float *u = new float[A2 * o * c];
+  std::unique_lock<std::mutex> kept(g_wino_buffers.busy, std::try_to_lock);
+  std::unique_ptr<float[]> u_own, v_own, m_own;  // when another call holds the kept buffers
+  auto buffer = [&](Reused &reused, std::unique_ptr<float[]> &own, int64_t count) {
+    if (kept.owns_lock()) return reused.get(count);
+    own = scratch(count);
+    return own.get();
+  };
+  float *u = buffer(g_wino_buffers.u, u_own, A2 * o * c);
   wino_weight<M>(wt, u, o, c);
   const int64_t th = (h + M - 1) / M, tw = (w + M - 1) / M, pw = tw * M + 2;
   const int64_t band_rows = std::max<int64_t>(1, std::min<int64_t>(th, kBandTiles / tw));
   const int64_t max_band = band_rows * tw, bands = (th + band_rows - 1) / band_rows;
-  // per worker: V, M of one band and the transforms' row buffers (a few MB)
+  // per worker: V, M of one band (worker 0's the kept ones, see Reused) and the transforms' row
+  // buffers (a few hundred KB)
   struct Scratch {
-    std::unique_ptr<float[]> v, mm, rows, d, t, out;
+    float *v = nullptr, *mm = nullptr;
+    std::unique_ptr<float[]> v_own, mm_own, rows, d, t, out;
   };
   const int workers = band_workers(n * bands);
   std::vector<Scratch> per(workers);
-  for (auto &s : per)
-    s = {scratch(A2 * c * max_band), scratch(A2 * o * max_band), scratch(A * pw), scratch(A * A * tw),
-         scratch(M * A * tw), scratch(M * M * tw)};
+  for (int k = 0; k < workers; k++) {
+    Scratch &s = per[k];
+    if (k == 0) {
+      s.v = buffer(g_wino_buffers.v, v_own, A2 * c * max_band);
+      s.mm = buffer(g_wino_buffers.m, m_own, A2 * o * max_band);
+    } else {
+      s.v_own = scratch(A2 * c * max_band), s.mm_own = scratch(A2 * o * max_band);
+      s.v = s.v_own.get(), s.mm = s.mm_own.get();
+    }
+    s.rows = scratch(A * pw), s.d = scratch(A * A * tw), s.t = scratch(M * A * tw), s.out = scratch(M * M * tw);
+  }
   if (n * bands >= g_band_threads.load()) {  // enough bands: one band per work item
     for_each_item(n * bands, workers, [&](int worker, int64_t item) {
       Scratch &s = per[worker];
       const int64_t b = item / bands, ty0 = (item % bands) * band_rows;
       const int64_t ty1 = std::min(th, ty0 + band_rows), band = (ty1 - ty0) * tw;
-      band_input<M>(x + b * c * h * w, s.v.get(), c, h, w, ty0, ty1, s.rows.get(), s.d.get(), 0, c);
+      band_input<M>(x + b * c * h * w, s.v, c, h, w, ty0, ty1, s.rows.get(), s.d.get(), 0, c);
       for (int a2 = 0; a2 < A2; a2++)
-        gemm_nn(o, band, c, u + a2 * o * c, s.v.get() + a2 * c * band, s.mm.get() + a2 * o * band);
-      band_output<M>(s.mm.get(), bias, y + b * o * h * w, o, h, w, ty0, ty1, s.t.get(), s.out.get(), 0, o);
+        gemm_nn(o, band, c, u + a2 * o * c, s.v + a2 * c * band, s.mm + a2 * o * band);
+      band_output<M>(s.mm, bias, y + b * o * h * w, o, h, w, ty0, ty1, s.t.get(), s.out.get(), 0, o);
     });
   } else {
     // Fewer bands than threads (the 32 x 32, 512-channel layers are one band): split each band's
@@ -1072,8 +1116,8 @@ void wino_fused(const float *x, const float *wt, const float *bias, float *y, in
     const int split = std::min(g_band_threads.load(), A2);
     std::vector<Scratch> rowbufs(split);
     for (auto &s : rowbufs)
-      s = {nullptr, nullptr, scratch(A * pw), scratch(A * A * tw), scratch(M * A * tw), scratch(M * M * tw)};
-    float *v = per[0].v.get(), *mm = per[0].mm.get();
+      s.rows = scratch(A * pw), s.d = scratch(A * A * tw), s.t = scratch(M * A * tw), s.out = scratch(M * M * tw);
+    float *v = per[0].v, *mm = per[0].mm;
     for (int64_t b = 0; b < n; b++) {
       for (int64_t ty0 = 0; ty0 < th; ty0 += band_rows) {
         const int64_t ty1 = std::min(th, ty0 + band_rows), band = (ty1 - ty0) * tw;
@@ -1092,7 +1136,6 @@ void wino_fused(const float *x, const float *wt, const float *bias, float *y, in
       }
     }
   }
-  delete[] u;
 }
 
 }  // namespace
