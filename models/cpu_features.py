@@ -58,14 +58,15 @@ def real_cpu_flags():
 
 def max_isa():
     """The cap LATTE_MAX_ISA puts on this process ("avx2"), or None when there is none or it would
-    change nothing (unset, "native", or a machine without anything above it). ValueError names the
-    variable for a value it does not know."""
+    change nothing (unset, "native", or a machine without anything above it). models.config.ConfigError
+    (a ValueError) names the variable for a value it does not know."""
     value = os.environ.get(MAX_ISA_ENV, "").strip().lower()
     if value in ("", "native"):
         return None
     if value not in _CAPS:
-        raise ValueError(f"{MAX_ISA_ENV}={value!r} is not a known cap: use one of {', '.join(sorted(_CAPS))} "
-                         "or unset it")
+        from models.config import ConfigError  # a ValueError that `latte` prints as one line, exit 2
+        raise ConfigError(f"{MAX_ISA_ENV}={value!r} is not a known cap: use one of {', '.join(sorted(_CAPS))} "
+                          "or unset it")
     real = set(real_cpu_flags())
     # a cap only counts where this machine has something the cap takes away (on a real AVX2 machine
     # LATTE_MAX_ISA=avx2 keeps its native build and keys), and where it has the ISA the cap keeps
@@ -97,8 +98,13 @@ def library_env():
 def apply_library_caps():
     """Put library_env() into this process's environment where not set already, before MindSpore's
     oneDNN reads ONEDNN_MAX_CPU_ISA (at its first primitive): called when this module is imported,
-    which models.runtime and models.cpu_kernels do before any op runs."""
-    for key, value in library_env().items():
+    which models.runtime and models.cpu_kernels do before any op runs. An unknown LATTE_MAX_ISA is left
+    to the first isa_key() (inside a command, where it is one error line, not an import traceback)."""
+    try:
+        caps = library_env()
+    except ValueError:
+        return
+    for key, value in caps.items():
         os.environ.setdefault(key, value)
 
 

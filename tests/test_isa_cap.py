@@ -55,10 +55,11 @@ def test_avx2_cap_changes_nothing_on_an_avx2_machine(machine, monkeypatch):
     assert cpu_kernels.build_flags() == cpu_kernels.FLAGS
 
 
-def test_unknown_max_isa_is_refused_naming_the_variable(machine, monkeypatch):
+def test_unknown_max_isa_is_a_config_error_naming_the_variable(machine, monkeypatch):
+    from models.config import ConfigError
     machine(AVX512_MACHINE)
     monkeypatch.setenv("LATTE_MAX_ISA", "avx3")
-    with pytest.raises(ValueError, match="LATTE_MAX_ISA='avx3'.*avx2"):
+    with pytest.raises(ConfigError, match="LATTE_MAX_ISA=.avx3.*avx2"):
         cpu_features.isa_key()
 
 
