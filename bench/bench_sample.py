@@ -220,7 +220,8 @@ def child(args):
         peak.stop = True
         out["matmul_peak_gflops"] = _bench_train().matmul_peak()
         out["peak_rss_mb_with_matmul_probe"] = peer.vmhwm_mb()
-        print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0])), flush=True)
+        print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0],
+                                          isa=peer.child_isa())), flush=True)
         return
     peak.stop = True
     peer.report(dict(out, **{k: v for k, v in peak.at_peak().items() if k != "peak_rss_mb"}, mappings=mapping_rss()))
