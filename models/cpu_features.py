@@ -36,6 +36,9 @@ _CAPS = {
         "march": ("-march=haswell", "-mtune=native"),  # AVX2 code, scheduled for the core that runs it
         "env": {"ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                 "ATEN_CPU_CAPABILITY": "avx2"},
+        # glibc picks its memcpy/memset variants at process start: __memmove_avx512_unaligned_erms
+        # (zmm) or the EVEX ones (ymm16-31, AVX512VL) unless these are marked unusable
+        "glibc_hwcaps": "glibc.cpu.hwcaps=-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD",
     },
 }
 NATIVE_MARCH = ("-march=native",)
@@ -88,11 +91,18 @@ def march_flags():
 
 def library_env():
     """Environment variables that put LATTE_MAX_ISA's cap on the libraries we and the peer call:
-    oneDNN (both sides), MKL and ATen (torch); empty without a cap. Only a process started with them
+    oneDNN (both sides), MKL and ATen (torch), glibc's string functions (both; only in a process started
+    with it: the benches' children, conv_select's measuring child); empty without a cap. Only a process started with them
     is sure to have them (a library may read them once, when it first runs); apply_library_caps sets
     the ones still unset in this process."""
     cap = max_isa()
-    return {} if cap is None else dict(_CAPS[cap]["env"])
+    if cap is None:
+        return {}
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    hwcaps = _CAPS[cap]["glibc_hwcaps"]
+    if hwcaps not in tunables:
+        tunables = f"{tunables}:{hwcaps}" if tunables else hwcaps
+    return dict(_CAPS[cap]["env"], GLIBC_TUNABLES=tunables)
 
 
 def apply_library_caps():
