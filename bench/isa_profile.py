@@ -5,7 +5,8 @@
 
 Runs the command under `perf record -e cpu-clock` (a timer: hardware counters are often not available
 on virtual machines) and prints each library's share, the top symbols, and for each symbol whether its
-code holds zmm (AVX-512) instructions and the share of its samples that landed on one. This is how to
+code holds AVX-512 instructions (EVEX-encoded: zmm, and the ymm/xmm forms of AVX512VL that GCC emits for
+-march=native even at 256-bit vectors) and the share of its samples that landed on one. This is how to
 check what `--max_isa avx2` (LATTE_MAX_ISA, models/cpu_features.py) leaves at AVX-512: code that decides
 by CPUID at runtime and has no cap of its own. Code JIT-compiled at runtime (oneDNN's kernels) has no
 file to disassemble; it shows as its own line, capped through ONEDNN_MAX_CPU_ISA.
@@ -38,28 +39,56 @@ def samples(data):
     return counts
 
 
-def zmm_offsets(dso, sym):
-    """Offsets within `sym` of the instructions that use zmm registers, or None when its code cannot be
+def _without_arguments(name):
+    """perf names a C++ function without its argument list, `nm -C` with it: drop a trailing "(...)"."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
+
+
+_symbol_tables = {}
+
+
+def _symbols(dso):
+    """(start, size, demangled name without arguments) of the symbols of `dso`, static and dynamic."""
+    if dso not in _symbol_tables:
+        rows = []
+        for extra in ([], ["-D"]):
+            table = subprocess.run(["nm", "-C", "-S", "--defined-only", *extra, dso], capture_output=True,
+                                   text=True).stdout
+            for line in table.splitlines():
+                parts = line.split(maxsplit=3)
+                if len(parts) == 4 and parts[2] in "tTwWiI":
+                    rows.append((int(parts[0], 16), int(parts[1], 16), _without_arguments(parts[3]).split("@")[0]))
+        _symbol_tables[dso] = rows
+    return _symbol_tables[dso]
+
+
+def evex_offsets(dso, sym):
+    """Offsets within `sym` of its AVX-512 (EVEX-encoded: zmm, or ymm/xmm16-31 and masks under AVX512VL)
+    instructions, or None when its code cannot be
     read (JIT code, the kernel, a stripped symbol)."""
     if not dso.startswith("/") or not Path(dso).exists():
         return None
-    table = subprocess.run(["nm", "-S", "--defined-only", dso], capture_output=True, text=True).stdout
-    table += subprocess.run(["nm", "-D", "-S", "--defined-only", dso], capture_output=True, text=True).stdout
-    for line in table.splitlines():
-        parts = line.split()
-        if len(parts) == 4 and parts[3].split("@")[0] == sym.split("@")[0]:
-            start, size = int(parts[0], 16), int(parts[1], 16)
+    want = sym.split("@")[0]
+    for start, size, name in _symbols(dso):
+        if name == want or name.endswith(" " + want):  # nm -C puts a template's return type first
             break
     else:
         return None
-    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", f"--start-address={start}",
-                          f"--stop-address={start + size}", dso], capture_output=True, text=True).stdout
+    asm = subprocess.run(["objdump", "-d", f"--start-address={start}", f"--stop-address={start + size}", dso],
+                         capture_output=True, text=True).stdout
     offsets, has_code = set(), False
     for line in asm.splitlines():
-        m = re.match(r"^\s*([0-9a-f]+):\s+(.*)$", line)
+        m = re.match(r"^\s*([0-9a-f]+):\t([0-9a-f ]+)\t", line)  # an instruction's first line: address, bytes
         if m:
             has_code = True
-            if "zmm" in m[2]:
+            if m[2].startswith("62 "):  # the EVEX prefix: every AVX-512 instruction, zmm or not
                 offsets.add(int(m[1], 16) - start)
     return offsets if has_code else None
 
@@ -92,18 +121,18 @@ def main():
         by_sym[(dso, sym)] += n
     print(f"{total} samples at {args.freq} Hz; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print("by library: " + ", ".join(f"{d} {100 * n / total:.1f}%" for d, n in by_dso.most_common(12)))
-    zmm_total = zmm_code_total = 0
+    evex_total = evex_code_total = 0
     for (dso, sym), n in by_sym.most_common():
-        zmm = zmm_offsets(dso, sym)
-        on_zmm = sum(c for (d, s, off), c in counts.items() if d == dso and s == sym and zmm and off in zmm)
-        zmm_total += on_zmm
-        zmm_code_total += n if zmm else 0
+        evex = evex_offsets(dso, sym)
+        on_evex = sum(c for (d, s, off), c in counts.items() if d == dso and s == sym and evex and off in evex)
+        evex_total += on_evex
+        evex_code_total += n if evex else 0
         if n >= by_sym.most_common(args.top)[-1][1]:
-            note = "code unreadable" if zmm is None else (f"zmm code, {100 * on_zmm / n:.0f}% of its samples on zmm"
-                                                          if zmm else "no zmm")
+            note = "code unreadable" if evex is None else (f"AVX-512 code, {100 * on_evex / n:.0f}% of its samples on it"
+                                                          if evex else "no AVX-512")
             print(f"  {100 * n / total:5.1f}%  {sym[:70]:70s} {Path(dso).name:28s} {note}")
-    print(f"samples in symbols holding zmm code: {100 * zmm_code_total / total:.1f}%; "
-          f"on a zmm instruction: {100 * zmm_total / total:.1f}%")
+    print(f"samples in symbols holding AVX-512 code: {100 * evex_code_total / total:.1f}%; "
+          f"on an AVX-512 instruction: {100 * evex_total / total:.1f}% (JIT code and stripped symbols not counted)")
     return 0
 
 
