@@ -98,6 +98,8 @@ def main():
     peer.add_max_isa_argument(p)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--freq", type=int, default=499)
+    p.add_argument("--delay_s", type=float, default=0,
+                   help="start sampling this many seconds after the command starts (skip imports and compiles)")
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args()
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -105,7 +107,8 @@ def main():
     print(peer.machine_line())
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "perf.data")
-        run = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", str(args.freq), "-o", data, "--", *command],
+        delay = ["-D", str(int(args.delay_s * 1000))] if args.delay_s else []
+        run = subprocess.run(["perf", "record", "-e", "cpu-clock", "-F", str(args.freq), *delay, "-o", data, "--", *command],
                              capture_output=True, text=True)
         for line in run.stdout.splitlines():
             if line.startswith("RESULT "):
