@@ -91,10 +91,10 @@ def march_flags():
 
 def library_env():
     """Environment variables that put LATTE_MAX_ISA's cap on the libraries we and the peer call:
-    oneDNN (both sides), MKL and ATen (torch), glibc's string functions (both; only in a process started
-    with it: the benches' children, conv_select's measuring child); empty without a cap. Only a process started with them
-    is sure to have them (a library may read them once, when it first runs); apply_library_caps sets
-    the ones still unset in this process."""
+    oneDNN (both sides), MKL and ATen (torch), glibc's string functions (both); empty without a cap.
+    Only a process started with them is sure to have them (glibc reads its tunables at start-up, the
+    others when they first run): the benches' children are, and conv_select's measuring child inherits
+    what apply_library_caps set in this process."""
     cap = max_isa()
     if cap is None:
         return {}
