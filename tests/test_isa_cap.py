@@ -76,3 +76,21 @@ def test_kernels_built_under_the_avx2_cap_equal_plain_ops():
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     summary = run.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, summary
+
+
+@pytest.mark.skipif("avx512f" not in cpu_features.real_cpu_flags(), reason="the cap only does something on AVX-512")
+def test_avx2_cap_reaches_mindspores_onednn_through_setup_device():
+    """LATTE_MAX_ISA alone (no ONEDNN_MAX_CPU_ISA in the environment): setup_device imports cpu_features,
+    which sets oneDNN's cap before MindSpore's first op, so its matmuls run AVX2 code."""
+    code = ("import numpy as np, mindspore as ms\n"
+            "from models.runtime import setup_device\n"
+            "setup_device('CPU', 'pynative', cpu_threads=1)\n"
+            "a = ms.Tensor(np.ones((64, 64), np.float32))\n"
+            "ms.ops.matmul(a, a).asnumpy()\n"
+            "from models.cpu_features import onednn_isa\n"
+            "print('ISA', onednn_isa())\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**env, "LATTE_MAX_ISA": "avx2", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "ISA avx2"
