@@ -220,7 +220,8 @@ def child(args):
         peak.stop = True
         out["matmul_peak_gflops"] = _bench_train().matmul_peak()
         out["peak_rss_mb_with_matmul_probe"] = peer.vmhwm_mb()
-        print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0])), flush=True)
+        print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0],
+                                          isa=peer.child_isa())), flush=True)
         return
     peak.stop = True
     peer.report(dict(out, **{k: v for k, v in peak.at_peak().items() if k != "peak_rss_mb"}, mappings=mapping_rss()))
@@ -262,6 +263,7 @@ def child_torch(args):
 
 
 def main():
+    import peer
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--peer_python", default="", help="interpreter with torch (the `bench` extra)")
     p.add_argument("--mindone_path", default="", help="folder holding the `mindone` package (pip --target)")
@@ -271,12 +273,13 @@ def main():
     p.add_argument("--skip_full", dest="full", action="store_false", help="skip the whole DDIM-50 / DDPM-250 runs")
     p.add_argument("--compare_library_pages", action="store_true",
                    help="also run ours with its clean library pages kept resident (LATTE_DROP_LIBRARY_PAGES=0)")
+    peer.add_max_isa_argument(p)
     p.add_argument("--role", choices=("ours", "torch", "mindone"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    peer.cap_isa(args.max_isa)  # into the environment every child inherits
     if args.role:
         return child(args)
 
-    import peer
     print(peer.machine_line())
     print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "
           f"{args.cpu_threads} CPU thread(s), {args.rounds} rounds", flush=True)

@@ -400,6 +400,7 @@ def main():
     p.add_argument("--cpu_threads", type=int, default=1)
     p.add_argument("--depth", type=int, default=12,
                    help="blocks of every network (12 is Latte-S/2; fewer only where memory is short)")
+    peer.add_max_isa_argument(p)
     p.add_argument("--only", choices=("ours", "mindone", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--no_peak", dest="peak", action="store_false", help="skip the matmul peak measurement")
     p.add_argument("--block_matmuls", action="store_true",
@@ -409,6 +410,7 @@ def main():
                    help="instead: time to step 1 of a repeated tiny `latte train` (start-up, compile cache)")
     p.add_argument("--cache_folder", default="", help="--cli_startup: a latent store (default: a synthetic one)")
     args = p.parse_args()
+    peer.cap_isa(args.max_isa)  # into the environment every child inherits
     if args.cli_startup:
         print(peer.machine_line())
         return cli_startup(args)

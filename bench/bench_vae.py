@@ -159,11 +159,13 @@ def main():
     p.add_argument("--no_deviation", dest="deviation", action="store_false")
     p.add_argument("--direct_too", action="store_true",
                    help="also run ours forced onto the direct im2col convs (LATTE_CONV=im2col) as a third side")
+    peer.add_max_isa_argument(p)
     p.add_argument("--role", choices=("ours", "torch", "deviation"), help=argparse.SUPPRESS)
     p.add_argument("--stage", default="encode", help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--peak", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    peer.cap_isa(args.max_isa)  # into the environment every child inherits
     if args.role:
         return {"ours": child_ours, "torch": child_torch, "deviation": child_deviation}[args.role](args)
 

@@ -7,6 +7,12 @@ used when it can import torch, and otherwise the peer is skipped, which the benc
 Each measurement is a fresh process with the same thread count, ours first then the peer, repeated
 `rounds` times, so that a busy host (load average printed) slows both sides alike; figures are
 medians over rounds, and peak memory is the child's VmHWM (peak resident set).
+
+`--max_isa avx2` (add_max_isa_argument / cap_isa) holds both sides to AVX2 + FMA on an AVX-512 machine,
+to measure what an AVX2 machine would see: every child inherits LATTE_MAX_ISA (ours: kernels built for
+-march=haswell, their own ISA key) and the libraries' caps (ONEDNN_MAX_CPU_ISA for MindSpore's and torch's
+oneDNN, MKL_ENABLE_INSTRUCTIONS for torch's sgemm, ATEN_CPU_CAPABILITY for torch's own kernels); each
+child reports the ISA its libraries say they run at.
 """
 import json
 import os
@@ -37,6 +43,37 @@ def machine_line():
     return f"CPU: {cpu_model()}, {os.cpu_count()} vCPUs, {isa_summary()}; load average {load}"
 
 
+def add_max_isa_argument(parser):
+    parser.add_argument("--max_isa", default="", choices=("", "avx2"),
+                        help="hold both sides to this ISA (emulate an AVX2 machine on an AVX-512 one; "
+                             "see models/cpu_features.py)")
+
+
+def cap_isa(name):
+    """Parent side of --max_isa: put LATTE_MAX_ISA and the libraries' caps into this process's environment,
+    which every child (ours and the peer) inherits. Nothing without a name."""
+    if not name:
+        return
+    os.environ["LATTE_MAX_ISA"] = name
+    from models.cpu_features import library_env, max_isa
+    if max_isa() is None:
+        print(f"note: --max_isa {name} changes nothing here: this CPU has nothing above it")
+    os.environ.update(library_env())
+
+
+def child_isa():
+    """What the child's libraries say they run at: torch's ATen dispatch, or MindSpore's oneDNN and our
+    kernels' compiler target (None in a child that loaded neither)."""
+    if "torch" in sys.modules:
+        import torch
+        return f"ATen {torch.backends.cpu.get_cpu_capability()}, MKL/oneDNN capped: " \
+               f"{os.environ.get('MKL_ENABLE_INSTRUCTIONS', 'no')}/{os.environ.get('ONEDNN_MAX_CPU_ISA', 'no')}"
+    if "mindspore" in sys.modules:
+        from models.cpu_features import march_flags, onednn_isa
+        return f"oneDNN {onednn_isa()}, kernels {' '.join(march_flags())}"
+    return None
+
+
 def proc_status_mb(keys):
     """{key: MB} of the given /proc/self/status fields (kB there) of this process; both sides' children
     read it (models.runtime.rss_split is ours alone: it imports MindSpore)."""
@@ -55,7 +92,7 @@ def vmhwm_mb():
 
 def report(result):
     """Child side: print the one RESULT line the parent reads (peak RSS and load added here)."""
-    result = dict(result, peak_rss_mb=vmhwm_mb(), load_avg=os.getloadavg()[0])
+    result = dict(result, peak_rss_mb=vmhwm_mb(), load_avg=os.getloadavg()[0], isa=child_isa())
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -117,7 +154,8 @@ def alternate(sides, rounds):
             if res is not None:
                 results[name].append(res)
                 print(f"  round {r + 1}/{rounds} {name}: " + ", ".join(
-                    f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, (int, float))), flush=True)
+                    f"{k} {v:.3g}" for k, v in res.items() if isinstance(v, (int, float)))
+                    + (f"; ISA: {res['isa']}" if r == 0 and res.get("isa") else ""), flush=True)
     return results
 
 

@@ -10,7 +10,7 @@ where the library cannot be built. `models/vae_layers.py` uses the im2col and Gr
 kernels for the VAE's convolutions.
 
 The library is compiled on first use with the system C++ compiler (g++ by default, `CXX` to change)
-for this processor (-march=native), into `$LATTE_KERNEL_DIR` (default ~/.cache/latte/kernels). The
+for this processor (-march=native; -march=haswell under LATTE_MAX_ISA=avx2, see models/cpu_features.py), into `$LATTE_KERNEL_DIR` (default ~/.cache/latte/kernels). The
 file name is keyed by what makes a build right or wrong for a machine: the instruction set (ISA flags,
 what -march=native resolves to, the compiler version: `models.cpu_features.isa_key`), the source and
 the flags, so nodes of a mixed cluster sharing a home folder each get their own build. One process
@@ -31,11 +31,12 @@ from pathlib import Path
 
 from mindspore import nn, ops
 
-from models.cpu_features import isa_key
+from models.cpu_features import isa_key, march_flags
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 # -fno-trapping-math lets GCC vectorise the float->int step of exp; -fopenmp-simd honours the `omp simd`
 # loops without linking an OpenMP runtime (the kernels are single-threaded, see the .cc file).
+# build_flags() puts cpu_features.march_flags() in the place of -march=native (the target under LATTE_MAX_ISA).
 FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fno-math-errno", "-fopenmp-simd", "-std=c++17",
          "-shared", "-fPIC"]
 # Seconds for one compile (about 1-5 s when the machine is busy) and one smoke test (a MindSpore import
@@ -69,16 +70,24 @@ def _kernel_dir():
     return Path(os.environ.get("LATTE_KERNEL_DIR") or Path.home() / ".cache" / "latte" / "kernels")
 
 
+def build_flags():
+    """The compiler's options: FLAGS with the target for this machine (LATTE_MAX_ISA's cap, if any)."""
+    out = []
+    for flag in FLAGS:
+        out += march_flags() if flag == "-march=native" else [flag]
+    return out
+
+
 def source_digest():
     """Digest of the kernels' source and flags: what a measured choice between kernels depends on
     besides the machine (conv_select's and dense_select's cache files carry it in their names)."""
-    return hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:12]
+    return hashlib.sha256(SOURCE.read_bytes() + " ".join(build_flags()).encode()).hexdigest()[:12]
 
 
 def library_name(compiler):
     """File name of the library for this machine and compiler: differs whenever the ISA (flags,
-    resolved -march=native), the compiler version, the source or the flags differ."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + FLAGS).encode()).hexdigest()[:12]
+    resolved target, LATTE_MAX_ISA), the compiler version, the source or the flags differ."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler] + build_flags()).encode()).hexdigest()[:12]
     return f"latte_cpu_kernels_{isa_key(compiler)}_{digest}.so"
 
 
@@ -101,7 +110,7 @@ def _run(command, timeout, what, hint=""):
 
 
 def _compile(compiler, out):
-    code, _, err = _run([compiler, *FLAGS, "-o", out, str(SOURCE)], COMPILE_TIMEOUT,
+    code, _, err = _run([compiler, *build_flags(), "-o", out, str(SOURCE)], COMPILE_TIMEOUT,
                         f"{compiler} on {SOURCE.name}", " (LATTE_KERNEL_BUILD_TIMEOUT to change)")
     if code:
         raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {_last_line(err)}")
