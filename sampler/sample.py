@@ -233,8 +233,7 @@ def release_network(net):
 
     import mindspore as ms
 
-    from models.diffusion import release_freed_heap
-    from models.runtime import drop_clean_library_pages, rss_split
+    from models.runtime import drop_clean_library_pages, release_freed_heap, rss_split
 
     before = rss_split()["VmRSS"]
     ms.ms_memory_recycle()

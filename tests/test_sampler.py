@@ -127,7 +127,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
     """The graph compile's freed working memory goes back to the OS before the first step's activations
     are allocated (the run's peak RSS), once per new graph (setup_device's hook trims after every
     compile that compiled); the samples are the same as without."""
-    import models.diffusion as diffusion_module
+    import models.runtime as runtime_module
 
     diffusion = create_diffusion("4")
     fresh = _net(TINY)  # uncond's weights in a network whose graph no test compiled yet
@@ -135,7 +135,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
     compile_cell = type(fresh).compile
     monkeypatch.setattr(type(fresh), "compile", lambda self, *a, **k: (events.append("compile"),
                                                                        compile_cell(self, *a, **k))[1])
-    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: events.append("release"))
+    monkeypatch.setattr(runtime_module, "release_freed_heap", lambda: events.append("release"))
     got = sample_latents(fresh, diffusion, 1, seed=5, method=method)
     assert events[:2] == ["compile", "release"] and events.count("release") == 1, events
     assert events.count("compile") == 1 + 4  # before the loop, then each step's call finds it compiled
@@ -149,7 +149,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
 def test_release_freed_heap_runs_on_glibc():
     import platform
 
-    from models.diffusion import release_freed_heap
+    from models.runtime import release_freed_heap
     assert release_freed_heap() is (platform.libc_ver()[0] == "glibc")
 
 
@@ -213,7 +213,7 @@ def test_guided_sampling_compiles_its_graph_before_the_first_step_then_releases_
     """Classifier-free guidance runs as a Cell (sampler.guided.GuidedLatte), so the loop compiles it
     before the first step and trims the compile's freed heap, as for the plain network (a lambda got
     neither); its samples are those of the lambda over forward_with_cfg."""
-    import models.diffusion as diffusion_module
+    import models.runtime as runtime_module
 
     diffusion = create_diffusion("4")
     y = ms.Tensor(np.array([0, 2, 3, 3], np.int32))
@@ -221,7 +221,7 @@ def test_guided_sampling_compiles_its_graph_before_the_first_step_then_releases_
     by_lambda = diffusion.p_sample_loop(lambda x, t, y: classy.forward_with_cfg(x, t, y, 4.0), (4, 4, 4, 8, 8),
                                         clip_denoised=False, model_kwargs={"y": y}, rng=rngs).asnumpy()[:2]
     released = []
-    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: released.append(1))
+    monkeypatch.setattr(runtime_module, "release_freed_heap", lambda: released.append(1))
     guided = sample_latents(classy, diffusion, 2, seed=1, guidance_scale=4.0, labels=[0, 2], num_classes=3)
     assert released == [1]
     assert_f32_close(guided, by_lambda, ulps=1024)  # one graph instead of the net's graph plus op-by-op mixing
