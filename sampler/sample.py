@@ -375,8 +375,8 @@ def _write_outputs(cfg, latents, videos, loaded):
 
 
 def sample(cfg):
-    """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
-    new folder under `output_folder`; returns that folder."""
+    """Check the VAE file, load the checkpoint, denoise `num_samples` videos, then load the VAE, decode
+    them and write them to a new folder under `output_folder`; returns that folder."""
     from models.runtime import drop_clean_library_pages, setup_device
     setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed, reuse_memory=True)
 
@@ -419,8 +419,14 @@ def sample(cfg):
     release_network(net)
     del net
     # Built only now: during the denoising its weights would have come on top of Latte's graph and
-    # activations, and its compile on top of Latte's buffers (freed just above).
-    vae = load_vae(cfg, vae_kwargs)
+    # activations, and its compile on top of Latte's buffers (freed just above). check_vae passed, so
+    # this fails only for a file changed meanwhile: the denoised latents are kept then.
+    try:
+        vae = load_vae(cfg, vae_kwargs)
+    except ConfigError as err:
+        kept = os.path.join(make_run_folder(cfg.output_folder), "latents.npy")
+        np.save(kept, latents)
+        raise ConfigError(f"{err} (the denoised latents are saved in {kept})") from None
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
     drop_clean_library_pages()  # the decode's (the VAE graph's compile) before the writers map theirs

@@ -346,6 +346,33 @@ def test_a_vae_file_that_does_not_fit_is_refused_before_latte_is_loaded(files, t
     assert not loaded and not (tmp_path / "out").exists()
 
 
+def test_a_vae_file_changed_during_the_denoising_keeps_the_latents(files, tmp_path, monkeypatch):
+    """The VAE is loaded after the denoising; if its file no longer loads then (changed since the check),
+    the error names it and where the denoised latents were saved: nothing computed is lost."""
+    import shutil
+    import sys
+
+    sample_module = sys.modules["sampler.sample"]
+    vae = tmp_path / "vae.safetensors"
+    shutil.copy(files["vae"], vae)
+    denoise = sample_module.sample_latents
+
+    def denoise_then_damage(*args, **kwargs):
+        latents = denoise(*args, **kwargs)
+        vae.write_bytes(vae.read_bytes()[:-100])  # truncated while the denoising ran
+        return latents
+
+    monkeypatch.setattr(sample_module, "sample_latents", denoise_then_damage)
+    with pytest.raises(ConfigError, match=r"vae.safetensors.*the denoised latents are saved in (.*latents\.npy)") as err:
+        sample_main(["-c", str(ROOT / "configs" / "inference" / "tiny.yaml"), "--checkpoint", str(files["run"]),
+                     "--vae", str(vae), "--output_folder", str(tmp_path / "out"), "--sampling_steps", "5",
+                     "--num_samples", "2", "--progress", "False"])
+    (kept,) = list((tmp_path / "out").glob("*/latents.npy"))
+    assert str(kept) in str(err.value)
+    latents = np.load(kept)
+    assert latents.shape == (2, 4, 4, 8, 8) and np.isfinite(latents).all()
+
+
 def test_weight_shapes_reads_a_ckpt_s_tensor_shapes_as_mindspore_loads_them(files, tmp_path):
     """The .ckpt header walk (names and dims, contents skipped) agrees with MindSpore's own reader,
     string entries (metadata) left out; a safetensors file gives the same from its JSON header."""
