@@ -25,6 +25,12 @@ bench/bench_train.py's shim swaps them for the classic layers while MindONE's mo
 
 Then, with our network only: the wall time of a whole DDIM-50 and a whole DDPM-250 sampling run.
 
+`--cli` instead runs `latte sample` itself end to end (load, denoise, VAE decode, GIF/MP4 writing) on
+a Latte-S/2 checkpoint and a VAE of sd-vae-ft-mse's size that it writes (random weights), twice into
+one fresh compile cache, and prints each run's peak RSS, CPU seconds, s/step and decode time:
+
+    GLOG_v=3 python bench/bench_sample.py --cli --steps 4
+
 Memory, both sides: peak RSS (VmHWM) and, at the highest VmRSS a thread sampled every 5 ms, its split
 into RssAnon (heap, tensors, graphs: the work) and RssFile (mapped library code and files), then the
 resident set by mapping at the end (/proc/self/smaps grouped: the framework's libraries, oneDNN, other
@@ -262,6 +268,66 @@ def child_torch(args):
                      first_s=times[0], torch=torch.__version__, mappings=mapping_rss()))
 
 
+def _cli_files(folder):
+    """A Latte-S/2 checkpoint (as `latte convert` writes it) and a VAE of sd-vae-ft-mse's size as a .ckpt
+    (the README's format), random weights, in `folder`; their paths."""
+    from models.convert import save_weights
+    from models.latte import Latte
+    from models.vae import AutoencoderKL
+
+    rng = np.random.default_rng(0)
+    config = dict(input_size=LATENT, in_channels=4, num_frames=FRAMES, learn_sigma=True, extras=1, mlp_ratio=4.0,
+                  **SIZE)
+    weights = {}
+    for name, p in Latte(**config).parameters_dict().items():
+        v = p.asnumpy()
+        if "adaLN_modulation" in name or "final_layer.linear" in name:  # non-zero outputs
+            v = rng.normal(0, 0.02, v.shape).astype(np.float32)
+        weights[name] = v
+    latte = os.path.join(folder, "latte_s2.safetensors")
+    save_weights(latte, weights, "safetensors", "fp32", {"kind": "latte", "config": config, "variant": "Latte-S/2"})
+    vae_config = dict(in_channels=3, out_channels=3, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                      latent_channels=4, norm_num_groups=32)
+    vae = os.path.join(folder, "sd_vae.ckpt")
+    save_weights(vae, {k: p.asnumpy() for k, p in AutoencoderKL(**vae_config).parameters_dict().items()}, "ckpt",
+                 "fp32", {"kind": "vae", "config": vae_config})
+    return latte, vae
+
+
+def cli_end_to_end(args):
+    """`latte sample` as a user runs it, twice into one fresh compile cache (compiling, then cached): peak
+    RSS of the command's process (its rusage), its CPU seconds, and its own s/step and decode time."""
+    import re
+    import subprocess
+    import tempfile
+
+    import peer
+    folder = tempfile.mkdtemp(prefix="bench_sample_cli_")
+    # Written by a child: a command's peak RSS (rusage ru_maxrss) starts from what its forked parent held
+    # resident, so this process stays without MindSpore and the networks.
+    subprocess.run([sys.executable, __file__, "--make_cli_files", folder], check=True)
+    latte, vae = (os.path.join(folder, name) for name in ("latte_s2.safetensors", "sd_vae.ckpt"))
+    argv = [sys.executable, str(ROOT / "latte_cli.py"), "sample", "-c", str(ROOT / "configs/inference/tiny.yaml"),
+            "--checkpoint", latte, "--vae", vae, "--num_samples", "1", "--sampling_steps", str(args.steps),
+            "--sample_method", "ddpm", "--decode_micro_batch", "1", "--cpu_threads", str(args.cpu_threads),
+            "--output_folder", os.path.join(folder, "out"), "--progress", "False"]
+    env = dict(os.environ, LATTE_COMPILE_CACHE=os.path.join(folder, "compile_cache"), PYTHONPATH=str(ROOT))
+    print(f"`latte sample`: Latte-S/2 {FRAMES}x{8 * LATENT}x{8 * LATENT}, DDPM {args.steps} steps, one video, "
+          f"sd-vae-ft-mse-size VAE (.ckpt, random weights), decode_micro_batch 1; files in {folder}", flush=True)
+    for run in ("compiling", "cached"):
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        out = child.stdout.read()
+        _, status, usage = os.wait4(child.pid, 0)
+        timing = re.search(r"denoised in ([\d.]+)s \(([\d.]+) s/step\), decoded in ([\d.]+)s", out)
+        if status or not timing:
+            print(f"  {run}: FAILED (status {status})\n{out[-2000:]}")
+            return
+        print(f"  {run:9s} peak RSS {usage.ru_maxrss / 1024:5.0f} MB, {usage.ru_utime + usage.ru_stime:6.1f} CPU-s; "
+              f"denoise {timing.group(2)} s/step (of {timing.group(1)} s incl. compile), decode "
+              f"{timing.group(3)} s; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(peer.machine_line())
+
+
 def main():
     import peer
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -274,11 +340,19 @@ def main():
     p.add_argument("--compare_library_pages", action="store_true",
                    help="also run ours with its clean library pages kept resident (LATTE_DROP_LIBRARY_PAGES=0)")
     peer.add_max_isa_argument(p)
+    p.add_argument("--cli", action="store_true",
+                   help="instead: `latte sample` end to end, compiling then cached (ours only; --steps steps)")
     p.add_argument("--role", choices=("ours", "torch", "mindone"), help=argparse.SUPPRESS)
+    p.add_argument("--make_cli_files", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     peer.cap_isa(args.max_isa)  # into the environment every child inherits
     if args.role:
         return child(args)
+    if args.make_cli_files:
+        return _cli_files(args.make_cli_files)
+    if args.cli:
+        print(peer.machine_line(), flush=True)
+        return cli_end_to_end(args)
 
     print(peer.machine_line())
     print(f"Latte-S/2, {FRAMES} frames of {LATENT}x{LATENT}x4 latents, batch 1, fp32, graph mode, "

@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import peer  # noqa: E402  bench/peer.py: the /proc/self/status reader every bench uses
 
 
 def _status(key):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return peer.proc_status_mb((key,)).get(key, float("nan"))
 
 
 class Sampler(threading.Thread):

@@ -16,6 +16,7 @@ sampler can rebuild the network without being told the variant:
     net = Latte(**meta["config"]); load_weights(net, "latte_sky.ckpt")
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -28,8 +29,8 @@ import time
 
 import numpy as np
 
-from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, flatten,
-                                  map_safetensors, read_checkpoint, read_header, verify_if_checksummed,
+from models.checkpoint_io import (CheckpointFormatError, UnsafeCheckpointError, atomic_write, bf16_to_float32,
+                                  flatten, map_safetensors, read_checkpoint, read_header, verify_if_checksummed,
                                   write_safetensors)
 from models.config import first_line
 from models.dtypes import DTYPE_NAMES, NUMPY_DTYPES
@@ -347,6 +348,130 @@ def _some(names, n=LIST_NAMES):
     return shown + (f", ... ({len(names) - n} more)" if len(names) > n else "")
 
 
+_CKPT_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.float64, "Int8": np.int8,
+                "UInt8": np.uint8, "Int16": np.int16, "UInt16": np.uint16, "Int32": np.int32, "UInt32": np.uint32,
+                "Int64": np.int64, "UInt64": np.uint64, "Bool": np.bool_, "BFloat16": np.uint16}
+
+
+def _ckpt_entries(path):
+    """(name, dims, tensor type, offset of the content, its length in bytes) of each entry of a .ckpt,
+    read without the contents: the top-level walk of `_ckpt_string`, parsing of each Value only its
+    tag and the TensorProto fields before the content (dims, type), then a seek past it. A tensor
+    over 512 MB is stored as several entries of the same name (row slices). ValueError (or
+    IndexError) on a layout it does not know, e.g. an encrypted file."""
+    entries = []
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(20)
+            if not head or head[0] != 0x0A:  # field 1 of Checkpoint (else: a crc trailer)
+                break
+            length, start = _varint(head, 1)
+            f.seek(pos + start)
+            value = f.read(min(length, 4096))  # tag, then the TensorProto's key, length, dims, type
+            tag_len, at = _varint(value, 1)
+            name = value[at:at + tag_len].decode()
+            at += tag_len
+            if value[at] != 0x12:  # field 2 (tensor), length-delimited
+                raise ValueError("unexpected layout")
+            _, at = _varint(value, at + 1)
+            dims, dtype = [], None
+            while True:
+                key, at = _varint(value, at)
+                if key == 0x08:  # dims, one varint each
+                    dim, at = _varint(value, at)
+                    dims.append(dim)
+                elif key == 0x0A:  # dims, packed
+                    n, at = _varint(value, at)
+                    end = at + n
+                    while at < end:
+                        dim, at = _varint(value, at)
+                        dims.append(dim)
+                elif key == 0x12:  # tensor_type
+                    n, at = _varint(value, at)
+                    dtype = value[at:at + n].decode()
+                    at += n
+                elif key == 0x1A:  # tensor_content: the rest of the entry
+                    n, at = _varint(value, at)
+                    entries.append((name, tuple(dims), dtype, pos + start + at, n))
+                    break
+                else:
+                    raise ValueError("unexpected layout")
+            pos += start + length
+    return entries
+
+
+def _ckpt_shapes(path):
+    """{name: shape} of the tensors of a .ckpt (string entries, the metadata, left out)."""
+    return {name: dims for name, dims, dtype, _, _ in _ckpt_entries(path) if dtype != "str"}
+
+
+def _map_ckpt(path, prefix):
+    """{name: array} of the tensors of a .ckpt whose names start with `prefix`, memory-mapped read-only
+    as `map_safetensors` does (BF16 widened, a sliced tensor joined in memory). MindSpore's own
+    reader holds the whole file's bytes and every parsed tensor at once, twice the file before a
+    single weight is copied (measured: loading sd-vae-ft-mse's 335 MB .ckpt peaked ~660 MB over
+    the process); mapped, load_weights copies one tensor at a time and drops its pages. ValueError
+    on a layout or type it does not know (the caller then uses MindSpore's reader)."""
+    groups = collections.OrderedDict()
+    for name, dims, dtype, offset, n in _ckpt_entries(path):
+        if dtype != "str" and name.startswith(prefix):
+            if dtype not in _CKPT_DTYPES:
+                raise ValueError(f"tensor type {dtype}")
+            groups.setdefault(name, []).append((dims, dtype, offset, n))
+    mapped = np.memmap(path, np.uint8, mode="r") if groups else None
+    out = collections.OrderedDict()
+    for name, parts in groups.items():
+        dims, dtype = parts[0][:2]
+        flat = [mapped[offset:offset + n].view(_CKPT_DTYPES[dtype]) for _, _, offset, n in parts]
+        array = flat[0] if len(flat) == 1 else np.concatenate(flat)
+        out[name] = (bf16_to_float32(array) if dtype == "BFloat16" else array).reshape(dims)
+    return out
+
+
+def weight_shapes(path, prefix=""):
+    """{name: shape} of the tensors in a .ckpt / .safetensors file whose names start with `prefix`
+    (prefix removed), from the safetensors header or the .ckpt's tensor headers alone: nothing of the
+    weights is read into memory. ValueError naming the file when it is not readable."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such weights file: check the path")
+    if path.endswith(".safetensors"):
+        try:
+            verify_if_checksummed(path)
+            shapes = {name: tuple(info["shape"]) for name, info in read_header(path)[0].items()}
+        except CheckpointFormatError as err:
+            raise ValueError(f"{err}; re-create it with `latte convert` (or use another checkpoint)") from None
+    elif path.endswith(".ckpt"):
+        try:
+            shapes = _ckpt_shapes(path)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            raise ValueError(f"{path}: not a readable MindSpore checkpoint; re-create it with `latte convert` "
+                             f"or re-save it") from None
+    else:
+        raise ValueError(f"{path}: unknown weights format: use a .ckpt or .safetensors file")
+    return {name[len(prefix):]: shape for name, shape in shapes.items() if name.startswith(prefix)}
+
+
+class _Shaped:
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def check_weights(net, path, group=None):
+    """The check `load_weights` makes before copying anything (every parameter of `net` in the file
+    under `group`, nothing more, same shapes), from the file's headers alone: a caller that loads the
+    weights late (`latte sample` builds its VAE after the denoising) reports a wrong file at once.
+    `net` may be built without its weights (mindspore.nn.utils.no_init_parameters). ValueError as
+    load_weights raises it."""
+    path = os.fspath(path)
+    prefix = f"{group}." if group is not None else ""
+    shapes = {name: _Shaped(shape) for name, shape in weight_shapes(path, prefix).items()}
+    _refuse_mismatches(net, path, prefix, shapes)
+
+
 def _read_for_loading(path, prefix):
     """{name: Tensor or ndarray} of the tensors in a .ckpt / .safetensors file whose names start
     with `prefix` (prefix removed)."""
@@ -362,7 +487,10 @@ def _read_for_loading(path, prefix):
         except CheckpointFormatError as err:
             raise ValueError(f"{err}; re-create it with `latte convert` (or use another checkpoint)") from None
     elif path.endswith(".ckpt"):
-        values = _read_ckpt(path, prefix)
+        try:
+            values = _map_ckpt(path, prefix)
+        except (IndexError, ValueError, UnicodeDecodeError):
+            values = _read_ckpt(path, prefix)
     else:
         raise ValueError(f"{path}: unknown weights format: use a .ckpt or .safetensors file")
     return {name[len(prefix):]: v for name, v in values.items()
@@ -449,14 +577,7 @@ def load_weights(net, path, group=None, prefix=None):
         raise ValueError("pass either group= or prefix=, not both")
     prefix = f"{group}." if group is not None else (prefix or "")
     values = _read_for_loading(path, prefix)
-    params = net.parameters_dict()
-
-    problems, missing = mismatches(params, values)
-    if problems:
-        where = f" under '{prefix}'" if prefix else ""
-        hint = _group_hint(path, prefix, values, params) if len(missing) == len(params) else ""
-        raise ValueError(f"{path}{where} does not match {type(net).__name__}: {problems}{hint}")
-
+    params = _refuse_mismatches(net, path, prefix, values)
     for name, param in params.items():
         value = values.pop(name)
         if isinstance(value, np.ndarray):
@@ -467,6 +588,17 @@ def load_weights(net, path, group=None, prefix=None):
             value = value.astype(param.dtype)
         param.set_data(value)
     return list(params)
+
+
+def _refuse_mismatches(net, path, prefix, values):
+    """`net`'s parameters by name, or the ValueError naming what of `values` does not fit them."""
+    params = net.parameters_dict()
+    problems, missing = mismatches(params, values)
+    if problems:
+        where = f" under '{prefix}'" if prefix else ""
+        hint = _group_hint(path, prefix, values, params) if len(missing) == len(params) else ""
+        raise ValueError(f"{path}{where} does not match {type(net).__name__}: {problems}{hint}")
+    return params
 
 
 def _drop_mapped_pages(array):

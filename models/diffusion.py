@@ -13,8 +13,6 @@ Differences from the image DiT code, all following Latte:
 
 Random numbers in the samplers: see `GaussianDiffusion.p_sample_loop`.
 """
-import ctypes
-import ctypes.util
 import inspect
 import math
 
@@ -144,29 +142,6 @@ def _standard_normal(shape, rng=None):
         rows = np.stack([np.asarray(g.standard_normal(shape[1:])) for g in rng])
         return Tensor(np.tile(rows, (shape[0] // k,) + (1,) * (len(shape) - 1)).astype(np.float32))
     return Tensor(np.asarray(rng.standard_normal(shape)).astype(np.float32))
-
-
-def release_freed_heap():
-    """Hand the heap pages of freed allocations back to the OS (glibc `malloc_trim`); True if it ran.
-
-    A graph compile frees ~50 MB of working memory (Latte-S/2, measured) that glibc keeps resident in
-    holes of its heap, under the activations of every call after it; see `_compile_then_release`.
-    A no-op off glibc."""
-    global _libc
-    if _libc is None:
-        name = ctypes.util.find_library("c")
-        try:
-            _libc = ctypes.CDLL(name) if name else False
-            _libc = _libc if _libc and hasattr(_libc, "malloc_trim") else False
-        except OSError:
-            _libc = False
-    if not _libc:
-        return False
-    _libc.malloc_trim(0)
-    return True
-
-
-_libc = None  # the C library once looked up, False where it has no malloc_trim
 
 
 # ------------------------------------------------------------------------------------------------
@@ -471,7 +446,7 @@ class GaussianDiffusion:
 
     def _compile_then_release(self, model, x, t, model_kwargs):
         """Graph mode, a network Cell: compile its graph for this batch before the first step runs it,
-        then return what the compile freed to the OS (`release_freed_heap`), so that the step's
+        then return what the compile freed to the OS (`models.runtime.release_freed_heap`), so that the step's
         activations do not come on top of it: the sampling run's peak RSS, ~50 MB less for Latte-S/2.
         The step's own call then finds the graph compiled: its arguments go in as the call passes them,
         positionally (a Cell call binds keyword arguments to positions, and MindSpore keys a graph by
@@ -480,7 +455,7 @@ class GaussianDiffusion:
         if isinstance(model, ms.nn.Cell) and ms.get_context("mode") == ms.GRAPH_MODE:
             bound = inspect.signature(model.construct).bind(x, self._model_timesteps(t), **(model_kwargs or {}))
             model.compile(*bound.args, **bound.kwargs)
-            from models.runtime import heap_released_after_compiles  # runtime imports this module late
+            from models.runtime import heap_released_after_compiles, release_freed_heap
             if not heap_released_after_compiles():
                 release_freed_heap()
 

@@ -245,7 +245,6 @@ def _release_heap_after_compiles():
         def compile(self, *args, **kwargs):
             result = original(self, *args, **kwargs)
             if is_new(result, seen):
-                from models.diffusion import release_freed_heap  # imported late: runtime stays light
                 release_freed_heap()
                 drop_clean_library_pages()  # and the compiler's code, which the graph's runs do not use
             return result
@@ -409,3 +408,28 @@ def rss_split():
     except OSError:
         pass
     return out
+
+
+def release_freed_heap():
+    """Hand the heap pages of freed allocations back to the OS (glibc `malloc_trim`); True if it ran.
+
+    A graph compile frees ~50 MB of working memory (Latte-S/2, measured) that glibc keeps resident in
+    holes of its heap, under the activations of every call after it; called after every new compile
+    (_release_heap_after_compiles) and by `sampler.release_network`. A no-op off glibc."""
+    global _libc
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+        name = ctypes.util.find_library("c")
+        try:
+            _libc = ctypes.CDLL(name) if name else False
+            _libc = _libc if _libc and hasattr(_libc, "malloc_trim") else False
+        except OSError:
+            _libc = False
+    if not _libc:
+        return False
+    _libc.malloc_trim(0)
+    return True
+
+
+_libc = None  # the C library once looked up, False where it has no malloc_trim

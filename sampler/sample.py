@@ -113,17 +113,55 @@ def _check_keys_match(cfg, config, variant, downscale, where):
                           f"use the config it was trained with, or set these keys to null")
 
 
-def load_vae(cfg):
-    """The AutoencoderKL of `cfg.vae` (architecture from its saved config, else SD's), fp32."""
-    from models.vae import load_vae as load
+def _no_init_parameters():
+    """Build a network without initialising its weights: every weight then comes from the file
+    (load_weights is strict), so the random init was work and memory for nothing (measured: 317 MB
+    and ~5 s for sd-vae-ft-mse's AutoencoderKL, 66 MB and 0.8 s for Latte-S/2). MindSpore marks the
+    context manager deprecated; without it the network is built as before."""
+    import contextlib
+    try:
+        from mindspore.nn.utils import no_init_parameters
+    except ImportError:
+        return contextlib.nullcontext()
+    return no_init_parameters()
 
+
+def check_vae(cfg):
+    """(AutoencoderKL kwargs, downscale, latent channels) of `cfg.vae`, its weights file checked as
+    `load_vae` would (path, a VAE's metadata, every tensor name and shape) from its headers alone:
+    `latte sample` builds and loads the VAE only after the denoising (sd-vae-ft-mse is ~335 MB that
+    would sit idle through it), and a wrong file must still stop it before the first step."""
+    from models.convert import check_weights
+    from models.vae import AutoencoderKL, vae_config
+
+    _check_vae_path(cfg)
+    try:
+        config = vae_config(cfg.vae)
+        with _no_init_parameters():
+            skeleton = AutoencoderKL(**config)  # names and shapes only: no weights allocated
+        check_weights(skeleton, cfg.vae)
+    except ValueError as err:
+        raise ConfigError(first_line(err)) from None
+    return config, skeleton.downscale, skeleton.latent_channels
+
+
+def _check_vae_path(cfg):
     if not cfg.vae:
         raise ConfigError("no VAE given: pass --vae PATH (`latte convert --kind vae` of sd-vae-ft-mse, or "
                           "demo/sky_vae.safetensors for the demo's models)")
     if not os.path.isfile(cfg.vae):
         raise ConfigError(f"vae {cfg.vae} not found: check the path")
+
+
+def load_vae(cfg, config=None):
+    """The AutoencoderKL of `cfg.vae` (architecture from its saved config, else SD's; `config` from
+    `check_vae` skips reading it again), fp32, its weights read straight into the network."""
+    from models.vae import load_vae as load
+
+    _check_vae_path(cfg)
     try:
-        return load(cfg.vae)
+        with _no_init_parameters():
+            return load(cfg.vae, config=config)
     except ValueError as err:
         raise ConfigError(first_line(err)) from None
 
@@ -143,7 +181,8 @@ def load_latte(cfg, downscale, latent_channels=4, path=None):
         _check_keys_match(cfg, config, meta.get("variant"), downscale, path)
     else:
         config = _arch_from_keys(cfg, downscale, latent_channels)
-    net = Latte(**config, dtype=cfg.dtype, enable_flash_attention=cfg.enable_flash_attention)
+    with _no_init_parameters():  # every weight comes from the file: Latte-S/2's random init was 66 MB, 0.8 s
+        net = Latte(**config, dtype=cfg.dtype, enable_flash_attention=cfg.enable_flash_attention)
     groups = weight_groups(path)
     group = cfg.weights if groups else None
     if group and group not in groups:
@@ -233,8 +272,7 @@ def release_network(net):
 
     import mindspore as ms
 
-    from models.diffusion import release_freed_heap
-    from models.runtime import drop_clean_library_pages, rss_split
+    from models.runtime import drop_clean_library_pages, release_freed_heap, rss_split
 
     before = rss_split()["VmRSS"]
     ms.ms_memory_recycle()
@@ -295,11 +333,11 @@ def write_videos(folder, videos, fps, save_gif=True, save_mp4=True):
     return written, notes
 
 
-def _check_fits(cfg, vae, config, path):
-    """The loaded model's class count (0: unconditional); refuses a VAE, guidance or labels that do
-    not fit the model in `path` (its constructor kwargs `config`)."""
-    if vae.latent_channels != config["in_channels"]:
-        raise ConfigError(f"vae {cfg.vae} has {vae.latent_channels} latent channels but the Latte checkpoint expects "
+def _check_fits(cfg, latent_channels, config, path):
+    """The loaded model's class count (0: unconditional); refuses a VAE (of `latent_channels`),
+    guidance or labels that do not fit the model in `path` (its constructor kwargs `config`)."""
+    if latent_channels != config["in_channels"]:
+        raise ConfigError(f"vae {cfg.vae} has {latent_channels} latent channels but the Latte checkpoint expects "
                           f"{config['in_channels']}: pass the VAE the model was trained with")
     num_classes = config.get("num_classes", 0) if config["extras"] == 2 else 0
     if cfg.guidance_scale > 1 and not num_classes:
@@ -337,8 +375,8 @@ def _write_outputs(cfg, latents, videos, loaded):
 
 
 def sample(cfg):
-    """Load the checkpoint and the VAE, denoise `num_samples` videos, decode them and write them to a
-    new folder under `output_folder`; returns that folder."""
+    """Check the VAE file, load the checkpoint, denoise `num_samples` videos, then load the VAE, decode
+    them and write them to a new folder under `output_folder`; returns that folder."""
     from models.runtime import drop_clean_library_pages, setup_device
     setup_device(cfg.device_target, cfg.mode, cfg.cpu_threads, seed=cfg.seed, reuse_memory=True)
 
@@ -349,9 +387,9 @@ def sample(cfg):
     t0 = time.time()
     # A wrong path or a damaged file is reported before anything is loaded; the folder's warnings once.
     path = resolve_checkpoint(cfg.checkpoint)
-    vae = load_vae(cfg)
-    net, config, path, group = load_latte(cfg, vae.downscale, vae.latent_channels, path)
-    num_classes = _check_fits(cfg, vae, config, path)
+    vae_kwargs, downscale, latent_channels = check_vae(cfg)  # the VAE itself is built after the denoising
+    net, config, path, group = load_latte(cfg, downscale, latent_channels, path)
+    num_classes = _check_fits(cfg, latent_channels, config, path)
     saved = read_metadata(path) if path.endswith((".ckpt", ".safetensors")) else {}
     class_names = saved.get("class_names")  # a `latte train` run on a labelled cache
     scale_factor = cfg.scale_factor or saved.get("scale_factor") or 0.18215
@@ -359,7 +397,7 @@ def sample(cfg):
         if num_classes else None
     diffusion = create_diffusion(str(cfg.sampling_steps), learn_sigma=config["learn_sigma"])
 
-    image_size = config["input_size"] * vae.downscale
+    image_size = config["input_size"] * downscale
     n_params = sum(p.size for p in net.get_parameters())
     drop_clean_library_pages()  # and what loading mapped, before the denoising's compile
     weights = f" ({group} weights)" if group else ""
@@ -380,6 +418,15 @@ def sample(cfg):
     _refuse_non_finite(latents, path)
     release_network(net)
     del net
+    # Built only now: during the denoising its weights would have come on top of Latte's graph and
+    # activations, and its compile on top of Latte's buffers (freed just above). check_vae passed, so
+    # this fails only for a file changed meanwhile: the denoised latents are kept then.
+    try:
+        vae = load_vae(cfg, vae_kwargs)
+    except ConfigError as err:
+        kept = os.path.join(make_run_folder(cfg.output_folder), "latents.npy")
+        np.save(kept, latents)
+        raise ConfigError(f"{err} (the denoised latents are saved in {kept})") from None
     videos = decode_latents(vae, latents, scale_factor, cfg.decode_micro_batch)
     t3 = time.time()
     drop_clean_library_pages()  # the decode's (the VAE graph's compile) before the writers map theirs

@@ -127,7 +127,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
     """The graph compile's freed working memory goes back to the OS before the first step's activations
     are allocated (the run's peak RSS), once per new graph (setup_device's hook trims after every
     compile that compiled); the samples are the same as without."""
-    import models.diffusion as diffusion_module
+    import models.runtime as runtime_module
 
     diffusion = create_diffusion("4")
     fresh = _net(TINY)  # uncond's weights in a network whose graph no test compiled yet
@@ -135,7 +135,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
     compile_cell = type(fresh).compile
     monkeypatch.setattr(type(fresh), "compile", lambda self, *a, **k: (events.append("compile"),
                                                                        compile_cell(self, *a, **k))[1])
-    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: events.append("release"))
+    monkeypatch.setattr(runtime_module, "release_freed_heap", lambda: events.append("release"))
     got = sample_latents(fresh, diffusion, 1, seed=5, method=method)
     assert events[:2] == ["compile", "release"] and events.count("release") == 1, events
     assert events.count("compile") == 1 + 4  # before the loop, then each step's call finds it compiled
@@ -149,7 +149,7 @@ def test_sampling_compiles_then_releases_the_freed_heap_before_the_first_step_ru
 def test_release_freed_heap_runs_on_glibc():
     import platform
 
-    from models.diffusion import release_freed_heap
+    from models.runtime import release_freed_heap
     assert release_freed_heap() is (platform.libc_ver()[0] == "glibc")
 
 
@@ -213,7 +213,7 @@ def test_guided_sampling_compiles_its_graph_before_the_first_step_then_releases_
     """Classifier-free guidance runs as a Cell (sampler.guided.GuidedLatte), so the loop compiles it
     before the first step and trims the compile's freed heap, as for the plain network (a lambda got
     neither); its samples are those of the lambda over forward_with_cfg."""
-    import models.diffusion as diffusion_module
+    import models.runtime as runtime_module
 
     diffusion = create_diffusion("4")
     y = ms.Tensor(np.array([0, 2, 3, 3], np.int32))
@@ -221,7 +221,7 @@ def test_guided_sampling_compiles_its_graph_before_the_first_step_then_releases_
     by_lambda = diffusion.p_sample_loop(lambda x, t, y: classy.forward_with_cfg(x, t, y, 4.0), (4, 4, 4, 8, 8),
                                         clip_denoised=False, model_kwargs={"y": y}, rng=rngs).asnumpy()[:2]
     released = []
-    monkeypatch.setattr(diffusion_module, "release_freed_heap", lambda: released.append(1))
+    monkeypatch.setattr(runtime_module, "release_freed_heap", lambda: released.append(1))
     guided = sample_latents(classy, diffusion, 2, seed=1, guidance_scale=4.0, labels=[0, 2], num_classes=3)
     assert released == [1]
     assert_f32_close(guided, by_lambda, ulps=1024)  # one graph instead of the net's graph plus op-by-op mixing
@@ -276,37 +276,119 @@ def test_cli_writes_gifs_mp4s_grid_and_config_into_a_new_folder_per_run(files, e
     assert np.abs(np.load(second / "latents.npy") - ema_latents).mean() > 1e-2  # the other weights
 
 
-def test_latte_sample_releases_the_network_before_decoding_and_decodes_the_same_videos(files, tmp_path,
-                                                                                         monkeypatch):
-    """The Latte net's graphs and weights are freed before the VAE decode (its peak was set there with
-    them resident); the decode still gives, bit for bit, the videos of a fresh VAE on the saved latents."""
+def test_latte_sample_builds_the_vae_after_releasing_the_network_and_decodes_the_same_videos(files, tmp_path,
+                                                                                              monkeypatch):
+    """The VAE is built and loaded only after the denoising, once the Latte net's graphs and weights are
+    freed (sd-vae-ft-mse's ~335 MB sat idle through the whole denoise, and Latte's buffers were resident
+    under the VAE's compile); built without a random init, it still decodes, bit for bit, the videos of
+    a VAE built and loaded as models.vae.load_vae does on the saved latents."""
     import sys
 
-    from sampler import decode_latents, load_vae, release_network
+    from models.vae import load_vae as library_load_vae
+    from sampler import decode_latents, load_vae, release_network, sample_latents
     sample_module = sys.modules["sampler.sample"]  # `sampler.sample` is the function of that name
 
     events, decoded = [], []
+
+    def denoise(*args, **kwargs):
+        events.append("denoise")
+        return sample_latents(*args, **kwargs)
 
     def release(net):
         events.append("release")
         release_network(net)
         events.append(sorted({int(p.size) for p in net.get_parameters()}))  # every weight emptied
 
+    def build_vae(*args, **kwargs):
+        events.append("load_vae")
+        return load_vae(*args, **kwargs)
+
     def decode(*args, **kwargs):
         events.append("decode")
         decoded.append(decode_latents(*args, **kwargs))
         return decoded[-1]
 
+    monkeypatch.setattr(sample_module, "sample_latents", denoise)
     monkeypatch.setattr(sample_module, "release_network", release)
+    monkeypatch.setattr(sample_module, "load_vae", build_vae)
     monkeypatch.setattr(sample_module, "decode_latents", decode)
     assert _cli(files, "--save_latents", "True", "--save_mp4", "False", out=tmp_path) == 0
-    assert events == ["release", [1], "decode"]
+    assert events == ["denoise", "release", [1], "load_vae", "decode"]
     (folder,) = list(tmp_path.iterdir())
     latents = np.load(folder / "latents.npy")
-    cfg = sample_module.SampleConfig(vae=str(files["vae"]))
-    again = decode_latents(load_vae(cfg), latents, 0.18215, micro_batch=16)
+    again = decode_latents(library_load_vae(str(files["vae"])), latents, 0.18215, micro_batch=16)
     assert again.dtype == np.uint8 and again.shape == decoded[0].shape
     np.testing.assert_array_equal(decoded[0], again)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_a_vae_file_that_does_not_fit_is_refused_before_latte_is_loaded(files, tmp_path, monkeypatch, fmt):
+    """The VAE is loaded after the denoising, so its file is checked before it from its headers alone
+    (names and shapes): a wrong file is the one-line error load_weights gives, before any step."""
+    import sys
+
+    from models.checkpoint_io import read_safetensors
+    sample_module = sys.modules["sampler.sample"]
+
+    tensors = read_safetensors(str(files["vae"]))
+    del tensors["decoder.conv_out.bias"]
+    tensors["decoder.conv_in.weight"] = np.zeros((3, 3, 1, 1), np.float32)
+    bad = tmp_path / f"bad_vae.{fmt}"
+    save_weights(str(bad), tensors, fmt, "fp32", {"kind": "vae", "config": TINY_VAE})
+    loaded = []
+    monkeypatch.setattr(sample_module, "load_latte", lambda *a, **k: loaded.append(1))
+    with pytest.raises(ConfigError) as err:
+        sample_main(["-c", str(ROOT / "configs" / "inference" / "tiny.yaml"), "--checkpoint", str(files["run"]),
+                     "--vae", str(bad), "--output_folder", str(tmp_path / "out")])
+    message = str(err.value)
+    assert "\n" not in message and "does not match AutoencoderKL" in message
+    assert "1 missing (decoder.conv_out.bias)" in message and "decoder.conv_in.weight (3, 3, 1, 1) vs" in message
+    assert not loaded and not (tmp_path / "out").exists()
+
+
+def test_a_vae_file_changed_during_the_denoising_keeps_the_latents(files, tmp_path, monkeypatch):
+    """The VAE is loaded after the denoising; if its file no longer loads then (changed since the check),
+    the error names it and where the denoised latents were saved: nothing computed is lost."""
+    import shutil
+    import sys
+
+    sample_module = sys.modules["sampler.sample"]
+    vae = tmp_path / "vae.safetensors"
+    shutil.copy(files["vae"], vae)
+    denoise = sample_module.sample_latents
+
+    def denoise_then_damage(*args, **kwargs):
+        latents = denoise(*args, **kwargs)
+        vae.write_bytes(vae.read_bytes()[:-100])  # truncated while the denoising ran
+        return latents
+
+    monkeypatch.setattr(sample_module, "sample_latents", denoise_then_damage)
+    with pytest.raises(ConfigError, match=r"vae.safetensors.*the denoised latents are saved in (.*latents\.npy)") as err:
+        sample_main(["-c", str(ROOT / "configs" / "inference" / "tiny.yaml"), "--checkpoint", str(files["run"]),
+                     "--vae", str(vae), "--output_folder", str(tmp_path / "out"), "--sampling_steps", "5",
+                     "--num_samples", "2", "--progress", "False"])
+    (kept,) = list((tmp_path / "out").glob("*/latents.npy"))
+    assert str(kept) in str(err.value)
+    latents = np.load(kept)
+    assert latents.shape == (2, 4, 4, 8, 8) and np.isfinite(latents).all()
+
+
+def test_weight_shapes_reads_a_ckpt_s_tensor_shapes_as_mindspore_loads_them(files, tmp_path):
+    """The .ckpt header walk (names and dims, contents skipped) agrees with MindSpore's own reader,
+    string entries (metadata) left out; a safetensors file gives the same from its JSON header."""
+    from models.checkpoint_io import read_safetensors
+    from models.convert import _read_ckpt, read_metadata, weight_shapes  # _read_ckpt: MindSpore's reader
+
+    tensors = read_safetensors(str(files["vae"]))
+    tensors["scalar"] = np.float32(3.0).reshape(())
+    path = tmp_path / "vae.ckpt"
+    save_weights(str(path), dict(tensors), "ckpt", "fp32", {"kind": "vae", "config": TINY_VAE})  # it consumes
+    expected = {k: tuple(v.shape) for k, v in _read_ckpt(str(path), "").items() if not isinstance(v, str)}
+    assert weight_shapes(str(path)) == expected == {k: v.shape for k, v in tensors.items()}
+    assert read_metadata(str(path))["kind"] == "vae"  # the metadata entry is there, and skipped above
+    del tensors["scalar"]
+    assert weight_shapes(str(files["vae"])) == {k: v.shape for k, v in tensors.items()}
+    assert weight_shapes(str(files["train"]), "ema.") == {k: v.shape for k, v in _weights(TINY, 1).items()}
 
 
 def test_cli_loads_a_converted_checkpoint_like_the_ema_weights_of_a_training_one(files, ema_latents, tmp_path):
@@ -314,6 +396,33 @@ def test_cli_loads_a_converted_checkpoint_like_the_ema_weights_of_a_training_one
                 checkpoint=files["converted"], out=tmp_path) == 0
     (folder,) = list(tmp_path.iterdir())
     assert_f32_close(np.load(folder / "latents.npy"), ema_latents, ulps=1024)
+
+
+def test_latte_built_without_a_random_init_is_the_loaded_network_bit_for_bit(files, monkeypatch):
+    """load_latte builds the network without initialising its weights (every one comes from the file;
+    no initializer runs): the same parameters, and the same output bit for bit, as a network built
+    with its random init and then loaded."""
+    from models.convert import load_weights
+    from sampler.sample import SampleConfig, load_latte
+
+    initialised, init_data = [], ms.Tensor.init_data
+    monkeypatch.setattr(ms.Tensor, "init_data", lambda self, *a, **k: (initialised.append(self.shape),
+                                                                        init_data(self, *a, **k))[1])
+    net, config, _, group = load_latte(SampleConfig(checkpoint=str(files["train"])), downscale=2)
+    monkeypatch.undo()
+    # PatchEmbed initialises its one small weight itself (to reshape it); no other initializer runs
+    n_initialised = sum(int(np.prod(shape)) for shape in initialised)
+    assert n_initialised < 0.05 * sum(p.size for p in net.get_parameters()), initialised
+    reference = Latte(**config)
+    load_weights(reference, str(files["train"]), group=group)
+    reference.set_train(False)
+    ours = dict(net.parameters_and_names())
+    for name, p in reference.parameters_and_names():
+        np.testing.assert_array_equal(ours[name].asnumpy(), p.asnumpy())
+    rng = np.random.default_rng(3)
+    x = ms.Tensor(rng.standard_normal((2, 4, 4, 8, 8)).astype(np.float32))
+    t = ms.Tensor(np.array([3, 700], np.int32))
+    np.testing.assert_array_equal(net(x, t).asnumpy(), reference(x, t).asnumpy())
 
 
 def test_class_labels_cycle_and_out_of_range_labels_are_an_error():
@@ -412,16 +521,21 @@ def test_non_finite_latents_stop_sampling_with_an_error(files, tmp_path, capsys)
     assert not out.exists()  # no black videos written
 
 
-def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fmt", ["safetensors", "ckpt"])
+def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, monkeypatch, fmt):
     """Each tensor's pages of the file map are dropped once copied into its Parameter: while loading,
     at most about one tensor of the file is resident (the kernel maps up to 64 KB around each fault),
-    instead of the map growing to a second copy of all the weights."""
+    instead of the map growing to a second copy of all the weights. A .ckpt is mapped too (MindSpore's
+    reader held the file's bytes and every parsed tensor at once: sd-vae-ft-mse's 335 MB .ckpt
+    loaded at ~660 MB over the process); nothing of it is read but through the map."""
     from models.convert import load_weights
 
     config = dict(TINY, hidden_size=256, num_heads=4)  # tensors of up to 1.5 MB, far above 64 KB
     weights = _weights(config)
-    path = str(tmp_path / "w.safetensors")
-    save_weights(path, dict(weights), "safetensors", "fp32", None)  # it empties the dict it gets
+    path = str(tmp_path / f"w.{fmt}")
+    save_weights(path, dict(weights), fmt, "fp32", None)  # it empties the dict it gets
+    if fmt == "ckpt":
+        monkeypatch.setattr(ms, "load_checkpoint", None)  # MindSpore's reader is not used
 
     def mapped_rss_kb():
         rss, inside = 0, False
@@ -445,6 +559,31 @@ def test_loading_weights_keeps_no_second_copy_of_them_in_file_pages(tmp_path, mo
     assert max(seen) <= largest_kb + 256, f"up to {max(seen)} KB of the {size_kb} KB file resident while loading"
     for name, p in net.parameters_dict().items():
         np.testing.assert_array_equal(p.asnumpy(), weights[name])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_a_mapped_ckpt_loads_the_values_mindspore_reads_sliced_tensors_included(tmp_path, monkeypatch, dtype):
+    """A .ckpt is read through a file map (models.convert._map_ckpt): the same values as MindSpore's
+    reader (bf16 widened as it casts), also for a tensor MindSpore stored as several row slices (it
+    slices tensors over 512 MB; here every tensor over 1 KB, by lowering its slice size)."""
+    from mindspore.train import serialization
+
+    from models.convert import _ckpt_entries, _map_ckpt, _read_ckpt, load_weights
+
+    monkeypatch.setattr(serialization, "SLICE_SIZE", 1)  # KB
+    weights = _weights(TINY)
+    path = str(tmp_path / "w.ckpt")
+    save_weights(path, dict(weights), "ckpt", dtype, {"kind": "latte", "config": TINY})
+    mapped, read = _map_ckpt(path, ""), _read_ckpt(path, "")
+    assert sorted(mapped) == sorted(weights)  # the metadata string is not a tensor
+    names = [entry[0] for entry in _ckpt_entries(path)]
+    assert len(names) > len(set(names))  # some tensors were stored as several slices
+    for name, value in mapped.items():
+        np.testing.assert_array_equal(value, read[name].astype(ms.float32).asnumpy())
+    net = Latte(**TINY)
+    load_weights(net, path)
+    for name, p in net.parameters_dict().items():
+        np.testing.assert_array_equal(p.asnumpy(), read[name].astype(ms.float32).asnumpy())
 
 
 def test_latte_sample_sets_up_the_device_with_memory_reuse(files, tmp_path, monkeypatch):

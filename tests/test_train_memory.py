@@ -76,12 +76,12 @@ def test_clip_inside_the_update_equals_scaling_every_gradient_first(accumulation
 def test_heap_is_released_after_each_new_graph_compile_only(monkeypatch):
     """The compile's freed working memory goes back to the OS before the graph's first run (the
     training step's activations would land beside it), once per compiled graph, not every call."""
-    from models import diffusion, runtime
+    from models import runtime
 
     runtime._release_heap_after_compiles()  # setup_device installs it; installing twice is a no-op
     runtime._release_heap_after_compiles()
     events = []
-    monkeypatch.setattr(diffusion, "release_freed_heap", lambda: events.append("release"))
+    monkeypatch.setattr(runtime, "release_freed_heap", lambda: events.append("release"))
 
     class Twice(ms.nn.Cell):
         @ms.jit
