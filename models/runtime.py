@@ -25,8 +25,10 @@ _configured = None
 
 
 def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, reuse_memory=False):
-    """Select the device and mode. `cpu_threads=1` is the default because on small (2-vCPU) hosts
-    one intra-op thread measured faster than two; pass 0 to leave MindSpore's own choice. In graph
+    """Select the device and mode. `cpu_threads=N`: N threads compute in all, MindSpore's ops and
+    ours (set_mindspore_cpu_threads). 1 is the default: a Latte-S/2 training step took 8-15 % fewer
+    CPU-seconds on one computing thread than on MindSpore's two-thread pool (three runs, 2-vCPU host
+    shared with other work); pass 0 to leave MindSpore's own choice. In graph
     mode compiled graphs are cached on disk (see enable_compile_cache; LATTE_COMPILE_CACHE=0: off).
     `reuse_memory`: graphs plan their buffers' reuse (MindSpore's SOMAS, memory optimize level O1),
     for the first call of a process only: Latte-S/2 sampling measured 24 MB less peak RSS, same step
