@@ -224,7 +224,7 @@ def child(args):
         # graph (the torch side runs none); the round line shows both
         split, maps = peak.at_peak(), mapping_rss()
         peak.stop = True
-        out["matmul_peak_gflops"] = _bench_train().matmul_peak()
+        out["matmul_peak_gflops"], out["matmul_peak_cpu_per_wall"] = _bench_train().matmul_peak()
         out["peak_rss_mb_with_matmul_probe"] = peer.vmhwm_mb()
         print("RESULT " + json.dumps(dict(out, **split, mappings=maps, load_avg=os.getloadavg()[0],
                                           isa=peer.child_isa())), flush=True)

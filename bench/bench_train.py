@@ -154,7 +154,9 @@ def latte_train_flops(depth=12, hidden=384, patch=2, frames=16, size=32, channel
 
 def matmul_peak(n=2048, repeats=7):
     """Best of `repeats` (a noisy single timing can exceed the real peak's time either way; the
-    bench takes the best over every round too, so the % of peak cannot pass 100 % by noise)."""
+    bench takes the best over every round too, so the % of peak cannot pass 100 % by noise), at the
+    step's thread count, and the CPU-seconds per wall second of the timings: the threads that really
+    computed (1.9 at cpu_threads=1 before setup_device pinned MindSpore to one computing thread)."""
     import mindspore as ms
     from mindspore import ops
 
@@ -164,12 +166,13 @@ def matmul_peak(n=2048, repeats=7):
 
     mm = ms.jit(matmul)
     mm(a, a).asnumpy()
-    times = []
+    times, cpu = [], 0.0
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         mm(a, a).asnumpy()
         times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(times) / 1e9
+        cpu += time.process_time() - c0
+    return 2 * n ** 3 / min(times) / 1e9, cpu / sum(times)
 
 
 # The block's Linear layers at Latte-S/2's shape: (rows, in, out) for qkv, proj, fc1, fc2.
@@ -349,7 +352,7 @@ def run_one(which, args):
            "fused_kernels": int(bool(getattr(net, "fused_kernels", False))),
            "dense_impl": getattr(net, "dense_impl", "mindspore")}
     if which == "ours" and args.peak:
-        out["matmul_peak_gflops"] = matmul_peak()
+        out["matmul_peak_gflops"], out["matmul_peak_cpu_per_wall"] = matmul_peak()
     if which == "ours" and args.block_matmuls:
         out["block_matmul_ms"] = time_block_matmuls(sgemm_matmul_fns if out["dense_impl"] == "sgemm"
                                                     else ms_matmul_fns)
@@ -455,7 +458,8 @@ def main():
         peaks = [r["matmul_peak_gflops"] for r in ours if "matmul_peak_gflops" in r]
         if peaks:
             line += (f" = {100 * achieved / max(peaks):.0f}% of the fp32 matmul peak ({max(peaks):.0f} GFLOP/s, "
-                     f"best of {7 * len(peaks)} timings, {args.cpu_threads} thread(s))")
+                     f"best of {7 * len(peaks)} timings, {args.cpu_threads} thread(s), "
+                     f"{peer.median(ours, 'matmul_peak_cpu_per_wall'):.2f} CPU-s per wall s)")
         print(line)
         for which in ("torch", "mindone"):
             if res.get(which):

@@ -78,7 +78,9 @@ def child_ours(args):
     first, t, cpu = _timed(fn, args.reps)
     out = {"s_per_frame": t / args.batch, "cpu_s_per_frame": cpu / args.batch, "first_s": first}
     if args.peak:
-        out["matmul_peak_gflops"] = matmul_peak()
+        from models import cpu_kernels
+        out["matmul_peak_gflops"], out["matmul_peak_cpu_per_wall"] = matmul_peak()
+        out["fma_peak_gflops"] = cpu_kernels.fma_peak_gflops()  # one core's ceiling (None: no kernels)
     peer.report(out)
 
 
@@ -103,8 +105,11 @@ def child_torch(args):
 
 
 def matmul_peak(n=2048, repeats=7):
-    """fp32 matmul GFLOP/s through MindSpore (graph mode), the best of `repeats`: a single timing on
-    a shared host can land on either side of the truth, the best cannot exceed the peak."""
+    """fp32 matmul GFLOP/s through MindSpore (graph mode) at the thread count setup_device gave the
+    timed work, the best of `repeats` (a single timing on a shared host can land on either side of
+    the truth, the best cannot exceed the peak), and the CPU-seconds per wall second of those timings:
+    the threads that really computed (1.9 at cpu_threads=1 before setup_device pinned MindSpore to
+    one computing thread, when this printed 212 GFLOP/s against one core's ~126 FMA peak)."""
     import numpy as np
     import mindspore as ms
     from mindspore import ops
@@ -115,12 +120,13 @@ def matmul_peak(n=2048, repeats=7):
         return ops.matmul(x, x)
 
     mm(a).asnumpy()
-    best = float("inf")
+    best, wall, cpu = float("inf"), 0.0, 0.0
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         mm(a).asnumpy()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+        t, c = time.perf_counter() - t, time.process_time() - c
+        best, wall, cpu = min(best, t), wall + t, cpu + c
+    return 2 * n ** 3 / best / 1e9, cpu / wall
 
 
 def child_deviation(args):
@@ -203,7 +209,9 @@ def main():
                 # Winograd does fewer multiplications than the direct count, so this can pass 100 %
                 line += (f"; {encoder_flops(size=args.size) / 1e9:.0f} GFLOP/frame (direct-conv count), "
                          f"{gflops:.0f} direct-equivalent GFLOP/s = {100 * gflops / best_peak:.0f} % of the fp32 matmul peak "
-                         f"({best_peak:.0f} GFLOP/s, best of {7 * len(res['ours'])})")
+                         f"({best_peak:.0f} GFLOP/s, best of {7 * len(res['ours'])} at the timed work's "
+                         f"{args.threads} thread(s), {peer.median(res['ours'], 'matmul_peak_cpu_per_wall'):.2f} "
+                         f"CPU-s per wall s; one core's FMA peak {max(r.get('fma_peak_gflops') or 0 for r in res['ours']):.0f})")
             if res.get("ours_im2col"):
                 t_d = peer.median(res["ours_im2col"], "s_per_frame")
                 c_d = peer.median(res["ours_im2col"], "cpu_s_per_frame")

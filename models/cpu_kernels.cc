@@ -12,6 +12,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 
 namespace {
@@ -45,6 +48,22 @@ inline float exp_approx(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
 }
+
+// Flush-to-zero and denormals-are-zero for one kernel's own arithmetic, the caller's MXCSR restored
+// on return. For the softmax kernels below: with peaky attention (logits spread over more than ~87)
+// most probabilities are below FLT_MIN, and each vector holding one took a ~150-cycle microcode
+// assist in the normalisation, again in the backward's y * (dy - dot), and in the oneDNN batched
+// matmuls fed with them: Latte's attention (6 heads x 256 tokens, logit std 32) ran 7.4 ms forward
+// and 22 ms forward + backward instead of 2.4 / 8.1 ms. Values change only where IEEE would give a
+// subnormal (|v| < 1.2e-38, now 0). MindSpore sets FTZ/DAZ on its kernel threads (mindrt's
+// Worker::Run) but not on the thread that runs ops at cpu_threads=1, nor does torch by default.
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned saved = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+};
 
 // GELU(tanh) = x * sigmoid(2u), u = sqrt(2/pi) * (x + 0.044715 x^3)
 constexpr float kGeluA = 1.5957691216057308f;           // 2 * sqrt(2 / pi)
@@ -356,6 +375,7 @@ int softmax_fwd(int, void **params, int *ndims, int64_t **shapes, const char **,
   const float *x = static_cast<const float *>(params[0]);
   float *y = static_cast<float *>(params[1]);
   const int64_t l = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / l;
+  FlushDenormals flush;
   for (int64_t r = 0; r < rows; r++) {
     const float *xr = x + r * l;
     float *yr = y + r * l;
@@ -365,7 +385,10 @@ int softmax_fwd(int, void **params, int *ndims, int64_t **shapes, const char **,
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = 0; j < l; j++) {
-      float e = exp_approx(xr[j] - mx);
+      // 0 where exp underflows: exp_approx clamps at -87 and returns 1.6e-38 for any lower input,
+      // and those (94 % of a row at logit std 80) made the P.V matmul's accumulators subnormal
+      const float d = xr[j] - mx;
+      float e = d < -87.0f ? 0.0f : exp_approx(d);
       yr[j] = e;
       sum += e;
     }
@@ -382,6 +405,7 @@ int softmax_bwd(int, void **params, int *ndims, int64_t **shapes, const char **,
   const float *dy = static_cast<const float *>(params[1]);
   float *dx = static_cast<float *>(params[2]);
   const int64_t l = shapes[0][ndims[0] - 1], rows = numel(ndims[0], shapes[0]) / l;
+  FlushDenormals flush;
   for (int64_t r = 0; r < rows; r++) {
     const float *yr = y + r * l, *dyr = dy + r * l;
     float *dxr = dx + r * l;

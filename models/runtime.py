@@ -25,8 +25,10 @@ _configured = None
 
 
 def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, reuse_memory=False):
-    """Select the device and mode. `cpu_threads=1` is the default because on small (2-vCPU) hosts
-    one intra-op thread measured faster than two; pass 0 to leave MindSpore's own choice. In graph
+    """Select the device and mode. `cpu_threads=N`: N threads compute in all, MindSpore's ops and
+    ours (set_mindspore_cpu_threads). 1 is the default: a Latte-S/2 training step took 8-15 % fewer
+    CPU-seconds on one computing thread than on MindSpore's two-thread pool (three runs, 2-vCPU host
+    shared with other work); pass 0 to leave MindSpore's own choice. In graph
     mode compiled graphs are cached on disk (see enable_compile_cache; LATTE_COMPILE_CACHE=0: off).
     `reuse_memory`: graphs plan their buffers' reuse (MindSpore's SOMAS, memory optimize level O1),
     for the first call of a process only: Latte-S/2 sampling measured 24 MB less peak RSS, same step
@@ -44,10 +46,7 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, re
     if _configured is None:
         ms.set_device(device_target)
         if device_target == "CPU" and cpu_threads:
-            try:
-                ms.device_context.cpu.op_tuning.threads_num(int(cpu_threads))
-            except RuntimeError:
-                pass  # already fixed by an earlier call in this process; keep the first setting
+            set_mindspore_cpu_threads(int(cpu_threads))
         if device_target == "CPU":
             from models import cpu_kernels  # the banded VAE convs split over the same thread count
             cpu_kernels.set_threads(cpu_threads)
@@ -64,6 +63,31 @@ def setup_device(device_target="CPU", mode="graph", cpu_threads=1, seed=None, re
     if seed is not None:
         ms.set_seed(int(seed))
     return key
+
+
+def set_mindspore_cpu_threads(threads):
+    """Make MindSpore's CPU ops compute on `threads` threads in all. MindSpore's thread pool (2.10,
+    runtime ComputeThreadNums) has A actor threads and T threads in all, and an op that splits
+    (oneDNN's MatMul/BatchMatMul, elementwise ops at T > 2) runs its parts on the actor AND the kernel
+    threads. From op_tuning.threads_num(N) alone it builds A = max(1, floor(0.18 N)) and
+    T = max(N, A + 1): threads_num(1) gives the same pool as threads_num(2), one actor thread and one
+    kernel thread, and a 2048^2 MatMul at "one thread" measured 1.91 CPU-s per wall second, both
+    threads in oneDNN's brgemm. With the dispatch (inter-op) count D configured it builds A = D and
+    T = D + N instead, so D = 1 and N = 0 is a pool of one actor thread and no kernel thread, where
+    every op runs where it is launched, on one thread (1.01 CPU-s per wall second). threads_num
+    rejects 0, so the runtime's own setter is called. At N >= 2 threads_num(N) already gives N
+    computing threads (A + kernel threads = N). The first setting of a process stays: MindSpore
+    fixes it once (later calls leave it, as threads_num's RuntimeError would)."""
+    from mindspore._c_expression import RuntimeConf
+    conf = RuntimeConf.get_instance()
+    if conf.is_op_threads_num_configured():
+        return
+    if threads == 1:
+        if not conf.is_dispatch_threads_num_configured():
+            conf.set_dispatch_threads_num(1)
+        conf.set_op_threads_num(0)
+    else:
+        ms.device_context.cpu.op_tuning.threads_num(threads)
 
 
 def device_target():

@@ -59,6 +59,26 @@ def test_softmax_equals_plain_including_large_logits():
     assert_same_fn(cpu_kernels.Softmax(), plain_cells.Softmax(), (x,))
 
 
+def test_softmax_underflow_gives_zero_never_a_subnormal():
+    """Peaky attention: probabilities whose true value is below FLT_MIN are 0 (exp_approx's clamp at
+    -87 had made each 1.6e-38 / row sum, a subnormal whenever the sum passed 1.4, and every vector
+    holding one a microcode assist here and in the P.V matmul); the backward's products are never
+    subnormal either. Values elsewhere stay those of float64 within float32 rounding."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((4, 6, 64)) * 80).astype(np.float32)
+    x[..., 1] = x[..., 0] = x.max(-1)  # two maxima: row sums >= 2
+    y = cpu_kernels.Softmax()(Tensor(x)).asnumpy()
+    d = x.astype(np.float64) - x.max(-1, keepdims=True)
+    want = np.exp(d) / np.exp(d).sum(-1, keepdims=True)
+    tiny = np.finfo(np.float32).tiny
+    assert not np.any((y != 0) & (np.abs(y) < tiny))
+    assert np.all(y[d < -87.34] == 0)  # ln(FLT_MIN) = -87.34: the true value is subnormal or less
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=tiny)
+    dy = Tensor(rng.standard_normal(x.shape).astype(np.float32) * 1e-4)
+    dx = ms.grad(lambda a: (cpu_kernels.Softmax()(a) * dy).sum())(Tensor(x)).asnumpy()
+    assert not np.any((dx != 0) & (np.abs(dx) < tiny))
+
+
 def test_bias_gelu_project_equals_gelu_then_matmul():
     """The MLP cell whose backward recomputes the GELU output (not kept from the forward)."""
     z = rand(11, 24) * 3
