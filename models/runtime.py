@@ -78,8 +78,15 @@ def set_mindspore_cpu_threads(threads):
     rejects 0, so the runtime's own setter is called. At N >= 2 threads_num(N) already gives N
     computing threads (A + kernel threads = N). The first setting of a process stays: MindSpore
     fixes it once (later calls leave it, as threads_num's RuntimeError would)."""
-    from mindspore._c_expression import RuntimeConf
-    conf = RuntimeConf.get_instance()
+    try:
+        from mindspore._c_expression import RuntimeConf  # private: the public setter rejects 0
+        conf = RuntimeConf.get_instance()
+    except (ImportError, AttributeError):  # another MindSpore: its own threads_num, as before 2.10's fix here
+        try:
+            ms.device_context.cpu.op_tuning.threads_num(threads)
+        except RuntimeError:
+            pass  # already fixed by an earlier call in this process; keep the first setting
+        return
     if conf.is_op_threads_num_configured():
         return
     if threads == 1:
