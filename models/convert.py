@@ -302,28 +302,35 @@ def _ckpt_string(path, name):
     `TensorProto {dims = 1; tensor_type = 2; tensor_content = 3}`, strings stored as UTF-32.
     Walks the top level with seeks; None if the entry is absent or the layout is unexpected."""
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
-        while pos < size:
-            f.seek(pos)
-            head = f.read(20)
-            if not head or head[0] != 0x0A:  # field 1, length-delimited (else: a crc trailer)
-                return None
-            length, start = _varint(head, 1)
-            f.seek(pos + start)
+        for at, length in _ckpt_values(f):
+            f.seek(at)
             first = f.read(min(length, 10 + len(name.encode())))
             if first[:1] == b"\x0a":
                 tag_len, tag_at = _varint(first, 1)
                 if tag_len == len(name.encode()) and first[tag_at:tag_at + tag_len] == name.encode():
-                    f.seek(pos + start)
+                    f.seek(at)
                     value = dict(_fields(f.read(length)))
                     tensor = dict(_fields(value.get(2, b"")))
                     if tensor.get(2) != b"str":
                         return None
                     content = tensor.get(3, b"")
                     return str(np.frombuffer(content, f"U{len(content) // 4}")[0])
-            pos += start + length
     return None
+
+
+def _ckpt_values(f):
+    """(offset, length) of each top-level `Value` of the open .ckpt `f`, by seeks: the file is
+    `Checkpoint {repeated Value value = 1}`, then possibly a crc trailer, where the walk stops."""
+    size = os.fstat(f.fileno()).st_size
+    pos = 0
+    while pos < size:
+        f.seek(pos)
+        head = f.read(20)
+        if not head or head[0] != 0x0A:  # field 1, length-delimited (else: a crc trailer)
+            return
+        length, start = _varint(head, 1)
+        yield pos + start, length
+        pos += start + length
 
 
 def read_metadata(path):
@@ -355,21 +362,14 @@ _CKPT_DTYPES = {"Float32": np.float32, "Float16": np.float16, "Float64": np.floa
 
 def _ckpt_entries(path):
     """(name, dims, tensor type, offset of the content, its length in bytes) of each entry of a .ckpt,
-    read without the contents: the top-level walk of `_ckpt_string`, parsing of each Value only its
+    read without the contents: the top-level walk of `_ckpt_values`, parsing of each Value only its
     tag and the TensorProto fields before the content (dims, type), then a seek past it. A tensor
     over 512 MB is stored as several entries of the same name (row slices). ValueError (or
     IndexError) on a layout it does not know, e.g. an encrypted file."""
     entries = []
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        pos = 0
-        while pos < size:
-            f.seek(pos)
-            head = f.read(20)
-            if not head or head[0] != 0x0A:  # field 1 of Checkpoint (else: a crc trailer)
-                break
-            length, start = _varint(head, 1)
-            f.seek(pos + start)
+        for offset, length in _ckpt_values(f):
+            f.seek(offset)
             value = f.read(min(length, 4096))  # tag, then the TensorProto's key, length, dims, type
             tag_len, at = _varint(value, 1)
             name = value[at:at + tag_len].decode()
@@ -395,11 +395,10 @@ def _ckpt_entries(path):
                     at += n
                 elif key == 0x1A:  # tensor_content: the rest of the entry
                     n, at = _varint(value, at)
-                    entries.append((name, tuple(dims), dtype, pos + start + at, n))
+                    entries.append((name, tuple(dims), dtype, offset + at, n))
                     break
                 else:
                     raise ValueError("unexpected layout")
-            pos += start + length
     return entries
 
 
